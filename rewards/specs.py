@@ -1,0 +1,94 @@
+"""What a guide is, from its `NAME=SPEC` flag to the path it takes at run time.
+
+Shared by the front end (start-up checks, request validation) and the worker (loading), so both
+sides classify every configured model the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TEXT_PREFIX = "py:"
+
+
+class GuideError(ValueError):
+    """A configured guide model cannot be used; the message says which and why."""
+
+
+class Route(str, Enum):
+    cached = "cached"  # same tokenizer, supported architecture: per-request KV cache
+    retokenized = "retokenized"  # other tokenizer: decode, re-encode, recompute (slower)
+    uncached = "uncached"  # same tokenizer, architecture the cached path lacks: recompute
+    text = "text"  # a Python function over texts
+
+
+class GuideConfig(BaseModel):
+    """Everything the worker needs to build its guide runtime (travels in vLLM's additional_config)."""
+
+    rewards: dict[str, str] = Field(default_factory=dict)
+    tokenizer: str
+    max_len: int
+
+
+def parse_named(item: str, flag: str) -> tuple[str, str]:
+    name, sep, spec = item.partition("=")
+    if not sep or not spec:
+        raise GuideError(f"{flag} {item!r}: expected NAME=SPEC (for example sentiment=/models/rm)")
+    if not NAME.match(name):
+        raise GuideError(f"{flag} {item!r}: a name is letters, digits, '_', '.', '-' (at most 64)")
+    return name, spec
+
+
+def load_text_reward(spec: str) -> Callable[[list[str]], list[float]]:
+    target = spec[len(TEXT_PREFIX) :]
+    module, sep, func = target.partition(":")
+    if not sep or not module or not func:
+        raise GuideError(f"{spec!r}: expected py:package.module:function")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise GuideError(f"{spec!r}: cannot import: {e}") from e
+    if not callable(fn):
+        raise GuideError(f"{spec!r}: {func} is not callable")
+    return fn
+
+
+def _same_vocab(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
+
+
+def classify(spec: str, base_tokenizer) -> Route:
+    """Decide how a reward spec runs; raise GuideError with one clear line if it cannot."""
+    if spec.startswith(TEXT_PREFIX):
+        load_text_reward(spec)
+        return Route.text
+    from transformers import AutoConfig, AutoTokenizer
+
+    from alignd.rewards.llama import unsupported_reason
+
+    local = Path(spec).expanduser()
+    if not local.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise GuideError(f"{spec!r}: no such folder")
+    try:
+        cfg = AutoConfig.from_pretrained(spec)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for bad folders
+        raise GuideError(f"{spec!r}: not a model folder or hub id ({type(e).__name__}: {e})") from e
+    arch = (cfg.architectures or ["?"])[0]
+    if not arch.endswith("ForSequenceClassification"):
+        raise GuideError(f"{spec!r}: a reward model must be *ForSequenceClassification, found {arch}")
+    if cfg.num_labels != 1:
+        raise GuideError(f"{spec!r}: a reward model needs exactly one label, found {cfg.num_labels}")
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+    except Exception as e:
+        raise GuideError(f"{spec!r}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
+    if not _same_vocab(tok, base_tokenizer):
+        return Route.retokenized
+    return Route.uncached if unsupported_reason(cfg) else Route.cached
