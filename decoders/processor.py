@@ -35,10 +35,8 @@ class AlignmentLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         mc = vllm_config.model_config
         raw = (vllm_config.additional_config or {}).get("alignd")
-        config = GuideConfig.model_validate(raw) if raw else GuideConfig(
-            tokenizer=mc.tokenizer, max_len=mc.max_model_len
-        )
-        self.guides = GuideRuntime.get(config, device, mc.dtype)
+        config = GuideConfig.model_validate(raw) if raw else GuideConfig(tokenizer=mc.tokenizer)
+        self.guides = GuideRuntime.get(config, device, mc.dtype, mc.max_model_len)
         self.rows: dict[int, Row] = {}
 
     def is_argmax_invariant(self) -> bool:

@@ -24,8 +24,8 @@ MAX_NOTED_REQUESTS = 1024
 class GuideRuntime:
     _instance: GuideRuntime | None = None
 
-    def __init__(self, config: GuideConfig, device: torch.device, dtype: torch.dtype) -> None:
-        self.config, self.device, self.dtype = config, device, dtype
+    def __init__(self, config: GuideConfig, device: torch.device, dtype: torch.dtype, max_len: int) -> None:
+        self.config, self.device, self.dtype, self.max_len = config, device, dtype, max_len
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
         self.rewards: dict[str, Reward] = {
             name: self._load_reward(name, spec) for name, spec in config.rewards.items()
@@ -35,9 +35,9 @@ class GuideRuntime:
         self.notes: dict[str, list[str]] = {}
 
     @classmethod
-    def get(cls, config: GuideConfig, device: torch.device, dtype: torch.dtype) -> GuideRuntime:
+    def get(cls, config: GuideConfig, device: torch.device, dtype: torch.dtype, max_len: int) -> GuideRuntime:
         if cls._instance is None or cls._instance.config != config:
-            cls._instance = cls(config, device, dtype)
+            cls._instance = cls(config, device, dtype, max_len)
         return cls._instance
 
     @classmethod
@@ -54,7 +54,7 @@ class GuideRuntime:
         model = model.to(self.device)
         if route is Route.cached:
             log.info("reward %s: %s, KV-cached path", name, spec)
-            return CachedReward(GuideModel(model, "score", self.config.max_len + 1))
+            return CachedReward(GuideModel(model, "score", self.max_len + 1))
         log.warning(
             "reward %s: %s runs on the slow %s path (every candidate recomputed from the whole text)",
             name, spec, route.value,

@@ -34,7 +34,6 @@ class GuideConfig(BaseModel):
 
     rewards: dict[str, str] = Field(default_factory=dict)
     tokenizer: str
-    max_len: int
 
 
 def parse_named(item: str, flag: str) -> tuple[str, str]:

@@ -1,0 +1,62 @@
+"""Server settings: environment (ALIGND_*) < YAML file < command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from alignd.rewards.specs import NAME
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGND_", extra="forbid")
+
+    model: str = Field(description="base model: local folder or hub id")
+    rewards: dict[str, str] = Field(default_factory=dict, description="NAME -> SPEC")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    served_model_name: str | None = None
+    max_num_seqs: int = Field(64, ge=1, description="rows the engine batches at once")
+    max_concurrent_requests: int = Field(256, ge=1, description="beyond this, HTTP 429")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="beyond this, HTTP 413")
+    gpu_memory_utilization: float = Field(0.7, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    seed: int = 0
+
+    @field_validator("rewards")
+    @classmethod
+    def _names(cls, rewards: dict[str, str]) -> dict[str, str]:
+        bad = [n for n in rewards if not NAME.match(n)]
+        if bad:
+            raise ValueError(f"reward names must be letters, digits, '_', '.', '-': {bad}")
+        return rewards
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+def load_settings(config_file: Path | None, overrides: dict[str, Any]) -> ServeSettings:
+    """Merge the YAML file with flags that were given (None means not given)."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        loaded = yaml.safe_load(config_file.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: expected a mapping of settings")
+        data.update(loaded)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "rewards":
+            data["rewards"] = {**(data.get("rewards") or {}), **value}
+        else:
+            data[key] = value
+    return ServeSettings(**data)
