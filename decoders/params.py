@@ -20,7 +20,9 @@ class AlignmentParams(BaseModel):
 
     decoder: Decoder = Field(description="the guided decoding method")
     rewards: dict[str, float] = Field(
-        default_factory=dict, description="reward name -> weight; the total is the weighted sum"
+        default_factory=dict,
+        validate_default=True,
+        description="reward name -> weight; the total is the weighted sum",
     )
     top_k: int = Field(10, ge=1, le=100, description="args: candidates per step")
     n: int = Field(4, ge=1, le=64, description="best_of_n: samples drawn per returned choice")

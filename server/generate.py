@@ -95,6 +95,8 @@ class Plan:
             stop=req.stop or None,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
             output_kind=kind,
             extra_args=extra,
         )

@@ -12,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from alignd.decoders.params import AlignmentParams
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -23,10 +27,13 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     alignment: AlignmentParams | None = None
     return_token_ids: bool = Field(False, description="also return each choice's token ids")
+    ignore_eos: bool = Field(False, description="keep generating past end-of-sequence (benchmarks)")
+    min_tokens: int = Field(0, ge=0, description="end-of-sequence is not allowed before this many tokens")
 
     @field_validator("stop")
     @classmethod
@@ -66,14 +73,9 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stream_options: StreamOptions | None = None
 
 
 class Candidate(BaseModel):

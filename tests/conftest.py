@@ -15,3 +15,98 @@ from tests.tiny_models import build_all  # noqa: E402
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """Tiny random models shared by the whole test session (built once, in a temp folder)."""
     return build_all(tmp_path_factory.mktemp("tiny"))
+
+
+API_KEY = "test-key"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, model: str, config: dict, log: Path) -> None:
+        self.url, self.model, self.config, self.log = url, model, config, log
+
+    def client(self, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=120, **kw)
+
+    def http(self):
+        import httpx
+
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+
+    def metric(self, name: str) -> float:
+        import httpx
+
+        for line in httpx.get(f"{self.url}/metrics", timeout=30).text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+
+@pytest.fixture(scope="session")
+def server(tiny, tmp_path_factory):
+    """One real alignd server (real vLLM CPU engine, real socket) for the whole session."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    work = tmp_path_factory.mktemp("server")
+    config = {
+        "model": str(tiny["base"]),
+        "served_model_name": "tiny",
+        "dtype": "float32",
+        "max_model_len": 512,
+        "max_num_seqs": 32,
+        "max_concurrent_requests": 6,
+        "max_request_bytes": 65536,
+        "rewards": {
+            "a": str(tiny["rm_a"]),
+            "b": str(tiny["rm_b"]),
+            "other": str(tiny["rm_other"]),
+            "vowels": "py:tests.rules:vowel_share",
+        },
+    }
+    (work / "serve.yaml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    log = work / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(root), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "alignd.server.cli", "serve", "--config", str(work / "serve.yaml"),
+             "--port", str(port), "--api-key", API_KEY],
+            cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")
+    yield Server(url, "tiny", config, log)
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

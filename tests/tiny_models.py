@@ -111,10 +111,11 @@ def build_reward(out: Path, tok: PreTrainedTokenizerFast, seed: int, layers: int
 
 
 def build_all(root: Path) -> dict[str, Path]:
-    """Build (once) the tokenizer, two base LMs and two reward models under `root`."""
+    """Build (once) under `root`: two base LMs and two reward models sharing one tokenizer, and
+    a reward model with a tokenizer of its own (the re-tokenizing path)."""
     root.mkdir(parents=True, exist_ok=True)
     stamp = root / "built.json"
-    names = {"base": 1, "base2": 2, "rm_a": 11, "rm_b": 12}
+    names = {"base": 1, "base2": 2, "rm_a": 11, "rm_b": 12, "rm_other": 13}
     paths = {name: root / name for name in names}
     if stamp.exists():
         return paths
@@ -123,5 +124,7 @@ def build_all(root: Path) -> dict[str, Path]:
     build_lm(paths["base2"], tok, names["base2"])
     build_reward(paths["rm_a"], tok, names["rm_a"])
     build_reward(paths["rm_b"], tok, names["rm_b"])
+    other = build_tokenizer(root / "tokenizer_other", vocab_size=320)
+    build_reward(paths["rm_other"], other, names["rm_other"])
     stamp.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
     return paths
