@@ -18,8 +18,8 @@ from alignd.rewards.kv_pool import KVPool, Slot
 
 Head = Literal["score", "lm"]
 
-# Rows per uncached scoring forward: bounds the [rows, heads, T, T] attention scores in memory.
-SEQUENCE_BATCH = 8
+# Tokens per uncached scoring forward: bounds the [rows, heads, T, T] attention scores in memory.
+SEQUENCE_TOKENS = 8192
 
 
 class GuideModel:
@@ -41,9 +41,12 @@ class GuideModel:
         self._stash = ([], [], {})
 
     # -- per-request state -------------------------------------------------------------------
+    # The pool's tensors are made under inference mode; so must every in-place change be.
+    @torch.inference_mode()
     def open(self) -> Slot:
         return self.pool.open()
 
+    @torch.inference_mode()
     def close(self, slot: Slot) -> None:
         self._stash[2].pop(id(slot), None)
         self.pool.close(slot)
@@ -158,8 +161,9 @@ class GuideModel:
     def score_sequences(self, seqs: list[list[int]]) -> torch.Tensor:
         """Head output at the last token of each whole sequence, recomputed without any cache."""
         out = []
-        for start in range(0, len(seqs), SEQUENCE_BATCH):
-            batch = seqs[start : start + SEQUENCE_BATCH]
+        step = max(1, SEQUENCE_TOKENS // max(len(s) for s in seqs))
+        for start in range(0, len(seqs), step):
+            batch = seqs[start : start + step]
             width = max(len(s) for s in batch)
             tokens = self._tokens([s + [0] * (width - len(s)) for s in batch])
             counts = torch.tensor([len(s) for s in batch], device=self.device)

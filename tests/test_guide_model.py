@@ -70,3 +70,21 @@ def test_last_outputs_match_causal_lm(lm):
             want = torch.stack([lm(torch.tensor([s])).logits[0, -1] for s in seqs])
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         seqs = [s + [rng.randrange(7, vocab)] for s in seqs]
+
+
+def test_pool_growth_then_compaction_keeps_caches(rm):
+    """Prefixes longer than the first allocation force the pool to grow; closing a slot then
+    moves the last one into its place. The remaining rows must still score exactly."""
+    rng = random.Random(3)
+    vocab = rm.config.vocab_size
+    guide = GuideModel(rm, "score", max_len=512)
+    seqs = [random_seq(rng, n, vocab) for n in (150, 90, 130)]
+    slots = [guide.open() for _ in seqs]
+    guide.sync(slots, seqs)
+    guide.close(slots.pop(0))
+    seqs.pop(0)
+    assert [s.index for s in slots] == [1, 0]
+    cands = torch.tensor([[9, 10, 11], [12, 13, 14]])
+    got = guide.score_candidates(slots, seqs, cands)
+    want = torch.tensor([[hf_reward(rm, s + [c]) for c in row] for s, row in zip(seqs, cands.tolist())])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
