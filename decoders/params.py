@@ -9,22 +9,35 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Decoder = Literal["args", "best_of_n"]
-IN_ENGINE: frozenset[str] = frozenset({"args"})
+Decoder = Literal["args", "best_of_n", "transfer_q", "vas", "dera"]
+IN_ENGINE: frozenset[str] = frozenset({"args", "transfer_q", "vas", "dera"})
+# Decoders whose candidates are the whole support: top-p would cut into them.
+OWN_SUPPORT: frozenset[str] = frozenset({"args", "transfer_q"})
+NEEDS_REWARDS: frozenset[str] = frozenset({"args", "best_of_n", "transfer_q"})
+
+
+def _finite(weights: dict[str, float], what: str) -> dict[str, float]:
+    bad = [name for name, w in weights.items() if not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"{what} must be finite numbers; not finite: {bad}")
+    return weights
 
 
 class AlignmentParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     decoder: Decoder = Field(description="the guided decoding method")
     rewards: dict[str, float] = Field(
-        default_factory=dict,
-        validate_default=True,
-        description="reward name -> weight; the total is the weighted sum",
+        default_factory=dict, description="reward name -> weight; the total is the weighted sum"
     )
-    top_k: int = Field(10, ge=1, le=100, description="args: candidates per step")
+    values: dict[str, float] = Field(default_factory=dict, description="vas: value model name -> beta")
+    top_k: int = Field(10, ge=1, le=100, description="args, transfer_q, vas: candidates per step")
+    rollout_tokens: int = Field(20, ge=1, le=256, description="transfer_q: baseline rollout length")
+    lambda_: float = Field(
+        1.0, alias="lambda", description="dera: 0 = reference model, 1 = served model, > 1 extrapolates"
+    )
     n: int = Field(4, ge=1, le=64, description="best_of_n: samples drawn per returned choice")
     return_candidates: bool = Field(False, description="best_of_n: return every sample")
     reward_cache: bool = Field(
@@ -35,13 +48,34 @@ class AlignmentParams(BaseModel):
 
     @field_validator("rewards")
     @classmethod
-    def _weights(cls, rewards: dict[str, float]) -> dict[str, float]:
-        if not rewards:
-            raise ValueError("name at least one reward with its weight, e.g. {\"sentiment\": 1.0}")
-        bad = [name for name, w in rewards.items() if not math.isfinite(w)]
-        if bad:
-            raise ValueError(f"weights must be finite numbers; not finite: {bad}")
-        return rewards
+    def _rewards(cls, rewards: dict[str, float]) -> dict[str, float]:
+        return _finite(rewards, "reward weights")
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, values: dict[str, float]) -> dict[str, float]:
+        return _finite(values, "value betas")
+
+    @field_validator("lambda_")
+    @classmethod
+    def _lambda(cls, lam: float) -> float:
+        if not math.isfinite(lam):
+            raise ValueError("lambda must be a finite number")
+        return lam
+
+    @model_validator(mode="after")
+    def _needs(self) -> AlignmentParams:
+        if self.decoder in NEEDS_REWARDS and not self.rewards:
+            raise ValueError(
+                f"{self.decoder} needs at least one reward with its weight, e.g. \"rewards\": {{\"sentiment\": 1.0}}"
+            )
+        if self.decoder == "vas" and not self.values:
+            raise ValueError("vas needs at least one value model with its beta, e.g. \"values\": {\"sentiment\": 2.0}")
+        return self
+
+    def engine_args(self) -> dict:
+        """The JSON-safe form that travels to the engine in SamplingParams.extra_args."""
+        return self.model_dump(by_alias=True)
 
 
 def from_extra_args(extra_args: dict | None) -> AlignmentParams | None:

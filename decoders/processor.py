@@ -14,7 +14,7 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from alignd.decoders import args
+from alignd.decoders import args, dera, transfer_q, vas
 from alignd.decoders.base import Row, Step
 from alignd.decoders.params import from_extra_args
 from alignd.rewards.runtime import GuideRuntime
@@ -22,7 +22,7 @@ from alignd.rewards.specs import GuideConfig
 
 log = logging.getLogger("alignd.decoders")
 
-DECODERS: dict[str, Step] = {"args": args.step}
+DECODERS: dict[str, Step] = {"args": args.step, "transfer_q": transfer_q.step, "vas": vas.step, "dera": dera.step}
 
 
 class AlignmentLogitsProcessor(LogitsProcessor):
@@ -35,7 +35,7 @@ class AlignmentLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         mc = vllm_config.model_config
         raw = (vllm_config.additional_config or {}).get("alignd")
-        config = GuideConfig.model_validate(raw) if raw else GuideConfig(tokenizer=mc.tokenizer)
+        config = GuideConfig.model_validate(raw) if raw else GuideConfig(model=mc.model)
         self.guides = GuideRuntime.get(config, device, mc.dtype, mc.max_model_len)
         self.rows: dict[int, Row] = {}
 

@@ -26,6 +26,10 @@ class GuideModel:
     def __init__(self, model: PreTrainedModel, head: Head, max_len: int) -> None:
         cfg = model.config
         self.model, self.head = model.eval(), head
+        self.spec = model.name_or_path
+        # transformers' sequence classifiers pool at the last token that is not padding: a
+        # reward of text ending in pad tokens is the reward of the text before them.
+        self.pad_id = cfg.pad_token_id if head == "score" else None
         self.vocab_size = cfg.vocab_size
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -133,29 +137,108 @@ class GuideModel:
             self._extend([s for s, _ in stale], [q[-1:] for _, q in stale])
         return torch.stack([s.last_output for s in slots])
 
-    @torch.inference_mode()
-    def score_candidates(self, slots: list[Slot], seqs: list[list[int]], cands: torch.Tensor) -> torch.Tensor:
-        """Head outputs [n, k] of seq + [cand] for each row's k candidates, in one forward of
-        n*k tokens against the shared prefixes. The candidates' keys/values are kept so that
-        the next sync commits the chosen one without a forward."""
-        self.sync(slots, seqs)
-        order = sorted(range(len(slots)), key=lambda i: slots[i].index)
-        inverse = torch.empty(len(order), dtype=torch.long, device=self.device)
-        inverse[torch.tensor(order, device=self.device)] = torch.arange(len(order), device=self.device)
-        ordered = [slots[i] for i in order]
-        cands = cands.to(self.device)[torch.tensor(order, device=self.device)]
-        n, k = cands.shape
-        prefix = self.pool.prefix(ordered)
-        positions = prefix.lengths[:, None].expand(n, k)
-        mask = llama.sibling_mask(n, k, self.device)
-        hidden, keys, values = llama.forward(self.model, self._tokens(cands), positions, prefix, mask)
-        ids = cands.tolist()
+    def _ordered(self, slots: list[Slot]) -> tuple[list[Slot], torch.Tensor, torch.Tensor]:
+        """Slots sorted by pool index (so the pool is read through views), the permutation, and
+        its inverse to put results back in the caller's order."""
+        order = torch.tensor(sorted(range(len(slots)), key=lambda i: slots[i].index), device=self.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=self.device)
+        return [slots[i] for i in order.tolist()], order, inverse
+
+    def _stash_first(self, ordered: list[Slot], tokens: torch.Tensor, keys, values, columns) -> None:
+        """Keep the keys/values of each branch's first token: next step's sync commits the chosen
+        one into the cache instead of running a forward."""
+        ids = tokens.tolist()
         self._stash = (
-            [t.transpose(1, 2) for t in keys],
-            [t.transpose(1, 2) for t in values],
+            [t[:, :, columns].transpose(1, 2) for t in keys],
+            [t[:, :, columns].transpose(1, 2) for t in values],
             {id(s): (i, ids[i]) for i, s in enumerate(ordered)},
         )
-        return self._head(hidden)[inverse]
+
+    @torch.inference_mode()
+    def score_branches(
+        self, slots: list[Slot], seqs: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Head outputs [n, k] at the end of seq + branch for k branches per row.
+
+        tokens [n, k, span] holds each branch's tokens (the first is a candidate next token),
+        lengths [n, k] how many are real. All branches of all rows run in one forward against
+        the shared cached prefixes, each branch seeing only the prefix and its own tokens."""
+        self.sync(slots, seqs)
+        ordered, order, inverse = self._ordered(slots)
+        tokens, lengths = tokens.to(self.device)[order], lengths.to(self.device)[order]
+        n, k, span = tokens.shape
+        prefix = self.pool.prefix(ordered)
+        steps = torch.arange(span, device=self.device).repeat(k)
+        positions = prefix.lengths[:, None] + steps[None]
+        mask = llama.branch_mask(lengths, span)
+        hidden, keys, values = llama.forward(
+            self.model, self._tokens(tokens.reshape(n, k * span)), positions, prefix, mask
+        )
+        first = torch.arange(k, device=self.device) * span
+        self._stash_first(ordered, tokens[:, :, 0], keys, values, first)
+        pooled = self._last_real(tokens, lengths)
+        h = hidden.gather(1, (first[None] + pooled.clamp(min=0))[..., None].expand(n, k, hidden.shape[-1]))
+        out = self._head(h)
+        if (pooled < 0).any():  # a branch of padding only: its reward is that of the prefix
+            rows = (pooled < 0).any(-1).nonzero().flatten().tolist()
+            prefix_scores = self.score_sequences([seqs[order[i]] for i in rows])
+            for i, score in zip(rows, prefix_scores):
+                out[i] = torch.where(pooled[i] < 0, score, out[i])
+        return out[inverse]
+
+    def _last_real(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Index of the last non-padding token within each run ([..., span] -> [...]); -1 when
+        there is none (pooling then falls back to what precedes the run)."""
+        steps = torch.arange(tokens.shape[-1], device=tokens.device)
+        real = steps < lengths[..., None]
+        if self.pad_id is not None:
+            real &= tokens != self.pad_id
+        return torch.where(real.any(-1), (steps * real).argmax(-1), -1)
+
+    def score_candidates(self, slots: list[Slot], seqs: list[list[int]], cands: torch.Tensor) -> torch.Tensor:
+        """Head outputs [n, k] of seq + [c] for each row's k candidate tokens."""
+        return self.score_branches(slots, seqs, cands[:, :, None], torch.ones_like(cands))
+
+    @torch.inference_mode()
+    def rollout(
+        self, slots: list[Slot], seqs: list[list[int]], cands: torch.Tensor, steps: int, eos: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy continuations of seq + [c] for each candidate c, all rows and candidates in one
+        batched generation that forks every row's cached prefix (no prompt is re-run).
+
+        Returns tokens [n, k, steps] and lengths [n, k] (a branch ends with its first eos)."""
+        self.sync(slots, seqs)
+        ordered, order, inverse = self._ordered(slots)
+        cur = cands.to(self.device)[order]
+        n, k = cur.shape
+        prefix = self.pool.prefix(ordered)
+        eye = torch.eye(k, dtype=torch.bool, device=self.device)
+        alive = cur != eos if eos is not None else torch.ones_like(cur, dtype=torch.bool)
+        lengths = torch.zeros_like(cur)
+        out = torch.zeros((n, k, steps), dtype=torch.long, device=self.device)
+        past: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        for t in range(steps):
+            if not alive.any():
+                break
+            positions = prefix.lengths[:, None] + t
+            # Branch j sees the prefix, its own earlier tokens (step-major past) and itself.
+            mask = eye.repeat(1, t + 1)[None].expand(n, k, (t + 1) * k)
+            hidden, keys, values = llama.forward(self.model, self._tokens(cur), positions.expand(n, k), prefix,
+                                                 mask, past)
+            if t == 0:
+                self._stash_first(ordered, cur, keys, values, torch.arange(k, device=self.device))
+            past = (keys, values) if past is None else (
+                [torch.cat([a, b], dim=2) for a, b in zip(past[0], keys)],
+                [torch.cat([a, b], dim=2) for a, b in zip(past[1], values)],
+            )
+            nxt = self._head(hidden).argmax(-1)
+            out[:, :, t] = torch.where(alive, nxt, 0)
+            lengths += alive.long()
+            if eos is not None:
+                alive = alive & (nxt != eos)
+            cur = nxt
+        return out[inverse], lengths[inverse]
 
     @torch.inference_mode()
     def score_sequences(self, seqs: list[list[int]]) -> torch.Tensor:
@@ -175,5 +258,5 @@ class GuideModel:
             hidden, _, _ = llama.forward(
                 self.model, tokens, positions, prefix, llama.causal_mask(counts, width)
             )
-            out.append(self._head(hidden[torch.arange(len(batch)), counts - 1]))
+            out.append(self._head(hidden[torch.arange(len(batch)), self._last_real(tokens, counts).clamp(min=0)]))
         return torch.cat(out)

@@ -83,9 +83,13 @@ def forward(
     positions: torch.Tensor,
     prefix: PrefixKV,
     new_mask: torch.Tensor,
+    past: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Run `tokens` [B, Q] at `positions` [B, Q] over `prefix`; return the final-norm hidden
-    states [B, Q, hidden] and the new tokens' keys and values per layer ([B, KVH, Q, D])."""
+    states [B, Q, hidden] and the new tokens' keys and values per layer ([B, KVH, Q, D]).
+
+    `past` holds keys/values [B, KVH, S, D] per layer of tokens beyond the prefix that earlier
+    calls produced (rollout branches); then `new_mask` is [B, Q, S + Q] over [past ; new]."""
     m = backbone(model)
     h = m.embed_tokens(tokens)
     cos, sin = m.rotary_emb(h, positions)
@@ -102,7 +106,10 @@ def forward(
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        o = attend(q, prefix.keys[i], prefix.values[i], prefix.lengths, k, v, new_mask)
+        k_all, v_all = (k, v) if past is None else (
+            torch.cat([past[0][i], k], dim=2), torch.cat([past[1][i], v], dim=2)
+        )
+        o = attend(q, prefix.keys[i], prefix.values[i], prefix.lengths, k_all, v_all, new_mask)
         h = h + attn.o_proj(o.transpose(1, 2).reshape(b, nq, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         new_keys.append(k)
@@ -119,6 +126,16 @@ def causal_mask(new_lengths: torch.Tensor, width: int) -> torch.Tensor:
     return (causal & valid_key) | torch.eye(width, dtype=torch.bool, device=idx.device)[None]
 
 
-def sibling_mask(rows: int, k: int, device: torch.device) -> torch.Tensor:
-    """[B, k, k] mask for k candidates that each extend the prefix by one token, independently."""
-    return torch.eye(k, dtype=torch.bool, device=device).expand(rows, k, k)
+def branch_mask(lengths: torch.Tensor, span: int) -> torch.Tensor:
+    """[B, k*span, k*span] mask for k independent branches per row, each a causal run of
+    `lengths[b, j]` tokens laid out in its own span of columns (j*span + t). With span 1 the k
+    branches are k sibling candidates. Padding sees only itself."""
+    b, k = lengths.shape
+    t = torch.arange(span, device=lengths.device)
+    branch = torch.arange(k, device=lengths.device).repeat_interleave(span)
+    step = t.repeat(k)
+    same = branch[:, None] == branch[None, :]
+    causal = step[None, :] <= step[:, None]
+    valid_key = step[None, None, :] < lengths[:, branch][:, None, :]
+    eye = torch.eye(k * span, dtype=torch.bool, device=lengths.device)
+    return (same & causal)[None] & valid_key | eye[None]

@@ -2,15 +2,19 @@
 
 vLLM may build its logits processors more than once in a worker, and best-of-n scoring reaches
 the worker through `collective_rpc`; both find the same runtime here, so each model exists once.
+
+Guides are addressed by (kind, name): ("reward", NAME) and ("value", NAME) are scalar scorers,
+("reference", "") and ("baseline", "") language models with their own KV caches.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Literal, Protocol
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alignd.rewards.guide_model import GuideModel
 from alignd.rewards.scorers import CachedReward, RecomputedReward, Reward, TextReward
@@ -20,16 +24,31 @@ log = logging.getLogger("alignd.guides")
 
 MAX_NOTED_REQUESTS = 1024
 
+Kind = Literal["reward", "value", "reference", "baseline"]
+Key = tuple[Kind, str]
+
+
+class Guide(Protocol):
+    def open(self): ...
+
+    def close(self, state) -> None: ...
+
 
 class GuideRuntime:
     _instance: GuideRuntime | None = None
 
     def __init__(self, config: GuideConfig, device: torch.device, dtype: torch.dtype, max_len: int) -> None:
         self.config, self.device, self.dtype, self.max_len = config, device, dtype, max_len
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
-        self.rewards: dict[str, Reward] = {
-            name: self._load_reward(name, spec) for name, spec in config.rewards.items()
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.scorers: dict[str, dict[str, Reward]] = {
+            "reward": {n: self._load_scorer("reward", n, s) for n, s in config.rewards.items()},
+            "value": {n: self._load_scorer("value", n, s) for n, s in config.values.items()},
         }
+        self.lms: dict[str, GuideModel] = {}
+        if config.reference:
+            self.lms["reference"] = self._load_lm("reference", config.reference)
+        if config.baseline:
+            self.lms["baseline"] = self._load_lm("baseline", config.baseline)
         self.steps = 0
         self.step_seconds = 0.0
         self.notes: dict[str, list[str]] = {}
@@ -46,36 +65,65 @@ class GuideRuntime:
             raise RuntimeError("the alignd guide runtime is not running in this process")
         return cls._instance
 
-    def _load_reward(self, name: str, spec: str) -> Reward:
-        route = classify(spec, self.tokenizer)
+    # -- loading --------------------------------------------------------------------------------
+    def _load_scorer(self, kind: str, name: str, spec: str) -> Reward:
+        route = classify(spec, self.tokenizer, kind)
         if route is Route.text:
             return TextReward(load_text_reward(spec), self.tokenizer, self.device)
-        model = AutoModelForSequenceClassification.from_pretrained(spec, dtype=self.dtype)
-        model = model.to(self.device)
+        model = AutoModelForSequenceClassification.from_pretrained(spec, dtype=self.dtype).to(self.device)
         if route is Route.cached:
-            log.info("reward %s: %s, KV-cached path", name, spec)
+            log.info("%s %s: %s, KV-cached path", kind, name, spec)
             return CachedReward(GuideModel(model, "score", self.max_len + 1))
         log.warning(
-            "reward %s: %s runs on the slow %s path (every candidate recomputed from the whole text)",
-            name, spec, route.value,
+            "%s %s: %s runs on the slow %s path (every candidate recomputed from the whole text)",
+            kind, name, spec, route.value,
         )
         tok = AutoTokenizer.from_pretrained(spec) if route is Route.retokenized else None
         return RecomputedReward(model, route, tok, self.tokenizer)
 
-    def reward(self, name: str) -> Reward:
-        try:
-            return self.rewards[name]
-        except KeyError:
-            raise GuideError(f"unknown reward {name!r}; configured: {sorted(self.rewards)}") from None
+    def _load_lm(self, role: str, spec: str) -> GuideModel:
+        # One copy per model: a reference that is also the baseline is loaded once.
+        for other in self.lms.values():
+            if other.spec == spec:
+                return other
+        log.info("%s: %s, KV-cached path", role, spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=self.dtype).to(self.device)
+        return GuideModel(model, "lm", self.max_len + 1)
 
+    # -- lookup ---------------------------------------------------------------------------------
+    def scorer(self, kind: Kind, name: str) -> Reward:
+        try:
+            return self.scorers[kind][name]
+        except KeyError:
+            raise GuideError(f"unknown {kind} {name!r}; configured: {sorted(self.scorers[kind])}") from None
+
+    def lm(self, role: Kind) -> GuideModel:
+        if role not in self.lms:
+            if role == "baseline":  # defaults to the served model, loaded on first use
+                log.warning("baseline: loading the served model %s as the Transfer Q* baseline", self.config.model)
+                self.lms[role] = self._load_lm(role, self.config.model)
+            else:
+                raise GuideError("no reference model: start the server with --reference")
+        return self.lms[role]
+
+    def guide(self, key: Key) -> Guide:
+        kind, name = key
+        return self.scorer(kind, name) if kind in self.scorers else self.lm(kind)
+
+    @property
+    def eos(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    # -- whole sequences (front end, via collective_rpc) ---------------------------------------
     def score(self, seqs: list[list[int]], names: list[str]) -> list[dict[str, float]]:
         """Rewards of whole sequences (best-of-n ranking, the rewards reported with a response)."""
         out: list[dict[str, float]] = [{} for _ in seqs]
         for name in names:
-            for row, value in zip(out, self.reward(name).sequences(seqs).tolist()):
+            for row, value in zip(out, self.scorer("reward", name).sequences(seqs).tolist()):
                 row[name] = value
         return out
 
+    # -- bookkeeping ----------------------------------------------------------------------------
     def note(self, request_id: str, message: str) -> None:
         """Remember a problem of one request, for its response; bounded for requests never collected."""
         if len(self.notes) >= MAX_NOTED_REQUESTS:
@@ -90,8 +138,10 @@ class GuideRuntime:
         self.step_seconds += time.perf_counter() - started
 
     def stats(self) -> dict[str, float]:
+        scorers = [r for group in self.scorers.values() for r in group.values()]
         return {
-            "guide_states": sum(r.active() for r in self.rewards.values()),
+            "guide_states": sum(r.active() for r in scorers)
+            + sum(len(m.pool) for m in {id(m): m for m in self.lms.values()}.values()),
             "guided_steps": self.steps,
             "guided_step_seconds": self.step_seconds,
         }

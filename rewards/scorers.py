@@ -1,6 +1,7 @@
-"""The three kinds of reward a request can weight, behind one small interface.
+"""The three kinds of scalar guide (reward or value) a request can weight, behind one interface.
 
-`candidates(states, seqs, cands)` returns r(seq + [c]) for each row's k candidates ([n, k]);
+`branches(states, seqs, tokens, lengths)` returns r(seq + branch) for k branches per row
+([n, k]; tokens [n, k, span], lengths [n, k]; a branch of length 1 is a candidate next token);
 `sequences(seqs)` returns r(seq) for whole sequences ([n]). Sequences are token ids of the base
 model (prompt + completion so far); rewards that read text see it decoded.
 """
@@ -24,16 +25,22 @@ class Reward(Protocol):
 
     def close(self, state: Any) -> None: ...
 
-    def candidates(self, states: list, seqs: list[list[int]], cands: torch.Tensor) -> torch.Tensor: ...
+    def branches(
+        self, states: list, seqs: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor: ...
 
     def sequences(self, seqs: list[list[int]]) -> torch.Tensor: ...
 
     def active(self) -> int: ...
 
 
-def extended(seqs: list[list[int]], cands: torch.Tensor) -> list[list[int]]:
-    """Every seq + [c] for the k candidates of each row, row-major."""
-    return [s + [c] for s, row in zip(seqs, cands.tolist()) for c in row]
+def extended(seqs: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    """Every seq + branch for the k branches of each row, row-major."""
+    return [
+        s + branch[:n]
+        for s, row, row_len in zip(seqs, tokens.tolist(), lengths.tolist())
+        for branch, n in zip(row, row_len)
+    ]
 
 
 class CachedReward:
@@ -50,8 +57,8 @@ class CachedReward:
     def close(self, state) -> None:
         self.guide.close(state)
 
-    def candidates(self, states, seqs, cands):
-        return self.guide.score_candidates(states, seqs, cands)
+    def branches(self, states, seqs, tokens, lengths):
+        return self.guide.score_branches(states, seqs, tokens, lengths)
 
     def sequences(self, seqs):
         return self.guide.score_sequences(seqs)
@@ -69,8 +76,8 @@ class StatelessReward:
     def close(self, state) -> None:
         return None
 
-    def candidates(self, states, seqs, cands):
-        return self.sequences(extended(seqs, cands)).view(cands.shape)
+    def branches(self, states, seqs, tokens, lengths):
+        return self.sequences(extended(seqs, tokens, lengths)).view(lengths.shape)
 
     def active(self) -> int:
         return 0

@@ -32,8 +32,11 @@ class Route(str, Enum):
 class GuideConfig(BaseModel):
     """Everything the worker needs to build its guide runtime (travels in vLLM's additional_config)."""
 
+    model: str  # the served model: its tokenizer, and the default Transfer Q* baseline
     rewards: dict[str, str] = Field(default_factory=dict)
-    tokenizer: str
+    values: dict[str, str] = Field(default_factory=dict)
+    reference: str | None = None
+    baseline: str | None = None
 
 
 def parse_named(item: str, flag: str) -> tuple[str, str]:
@@ -63,14 +66,8 @@ def _same_vocab(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
 
 
-def classify(spec: str, base_tokenizer) -> Route:
-    """Decide how a reward spec runs; raise GuideError with one clear line if it cannot."""
-    if spec.startswith(TEXT_PREFIX):
-        load_text_reward(spec)
-        return Route.text
+def _load_config_and_tokenizer(spec: str):
     from transformers import AutoConfig, AutoTokenizer
-
-    from alignd.rewards.llama import unsupported_reason
 
     local = Path(spec).expanduser()
     if not local.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
@@ -79,15 +76,49 @@ def classify(spec: str, base_tokenizer) -> Route:
         cfg = AutoConfig.from_pretrained(spec)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for bad folders
         raise GuideError(f"{spec!r}: not a model folder or hub id ({type(e).__name__}: {e})") from e
-    arch = (cfg.architectures or ["?"])[0]
-    if not arch.endswith("ForSequenceClassification"):
-        raise GuideError(f"{spec!r}: a reward model must be *ForSequenceClassification, found {arch}")
-    if cfg.num_labels != 1:
-        raise GuideError(f"{spec!r}: a reward model needs exactly one label, found {cfg.num_labels}")
     try:
         tok = AutoTokenizer.from_pretrained(spec)
     except Exception as e:
         raise GuideError(f"{spec!r}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
+    return cfg, tok
+
+
+def _architecture(cfg) -> str:
+    return (cfg.architectures or ["?"])[0]
+
+
+def classify(spec: str, base_tokenizer, kind: str = "reward") -> Route:
+    """Decide how a reward or value spec runs; raise GuideError with one clear line if it cannot."""
+    if spec.startswith(TEXT_PREFIX):
+        if kind != "reward":
+            raise GuideError(f"{spec!r}: a {kind} model must be a neural model, not a text function")
+        load_text_reward(spec)
+        return Route.text
+    from alignd.rewards.llama import unsupported_reason
+
+    cfg, tok = _load_config_and_tokenizer(spec)
+    if not _architecture(cfg).endswith("ForSequenceClassification"):
+        raise GuideError(f"{spec!r}: a {kind} model must be *ForSequenceClassification, found {_architecture(cfg)}")
+    if cfg.num_labels != 1:
+        raise GuideError(f"{spec!r}: a {kind} model needs exactly one label, found {cfg.num_labels}")
     if not _same_vocab(tok, base_tokenizer):
         return Route.retokenized
     return Route.uncached if unsupported_reason(cfg) else Route.cached
+
+
+def check_lm(spec: str, base_tokenizer, base_vocab_size: int, role: str) -> None:
+    """A reference or baseline LM must share the served model's vocabulary token for token
+    (its logits are mixed with, or its tokens fed to, the served model's) and take the cached path."""
+    from alignd.rewards.llama import unsupported_reason
+
+    cfg, tok = _load_config_and_tokenizer(spec)
+    if not _architecture(cfg).endswith("ForCausalLM"):
+        raise GuideError(f"{spec!r}: the {role} must be a *ForCausalLM model, found {_architecture(cfg)}")
+    if not _same_vocab(tok, base_tokenizer) or cfg.vocab_size != base_vocab_size:
+        raise GuideError(
+            f"{spec!r}: the {role} must have the served model's vocabulary (tokenizer and "
+            f"vocab_size {base_vocab_size}, found {cfg.vocab_size})"
+        )
+    why = unsupported_reason(cfg)
+    if why:
+        raise GuideError(f"{spec!r}: the {role} cannot run in the engine: {why}")

@@ -90,10 +90,14 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
             raise HTTPError(503, "the engine is not running")
 
     def check_alignment(al: AlignmentParams) -> None:
-        unknown = [name for name in al.rewards if name not in settings.rewards]
-        if unknown:
-            configured = sorted(settings.rewards) or "none (start the server with --reward NAME=SPEC)"
-            raise HTTPError(400, f"unknown reward {unknown[0]!r}; configured rewards: {configured}", "alignment.rewards")
+        for kind, asked, configured in (("reward", al.rewards, settings.rewards), ("value", al.values, settings.values)):
+            unknown = [name for name in asked if name not in configured]
+            if unknown:
+                have = sorted(configured) or f"none (start the server with --{kind} NAME=SPEC)"
+                raise HTTPError(400, f"unknown {kind} {unknown[0]!r}; configured {kind}s: {have}", f"alignment.{kind}s")
+        if al.decoder == "dera" and settings.reference is None:
+            raise HTTPError(400, "dera needs a reference model: start the server with --reference PATH_OR_ID",
+                            "alignment.decoder")
 
     # -- routes -------------------------------------------------------------------------------
     @app.get("/health")

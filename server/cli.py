@@ -15,6 +15,11 @@ def serve_parser(sub) -> None:
     p.add_argument("--model", help="base model: local folder or hub id")
     p.add_argument("--reward", action="append", default=[], metavar="NAME=SPEC",
                    help="a reward: *ForSequenceClassification folder/hub id, or py:module:function")
+    p.add_argument("--value", action="append", default=[], metavar="NAME=SPEC",
+                   help="a VAS value model: *ForSequenceClassification folder/hub id (one label)")
+    p.add_argument("--reference", metavar="PATH_OR_ID", help="DeRa's reference (SFT) model")
+    p.add_argument("--baseline", metavar="PATH_OR_ID",
+                   help="Transfer Q*'s rollout model (default: the served model, loaded on first use)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -32,24 +37,32 @@ def check_models(settings) -> tuple[list[str], list[str]]:
     """Every configured model, checked before the engine starts: (problems, notices)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from alignd.rewards.specs import classify
+    from alignd.rewards.specs import check_lm, classify
 
     problems, notices = [], []
     try:
-        AutoConfig.from_pretrained(settings.model)
+        config = AutoConfig.from_pretrained(settings.model)
         tokenizer = AutoTokenizer.from_pretrained(settings.model)
     except Exception as e:  # transformers' errors vary by cause; one line each is what we need
         return [f"--model {settings.model}: cannot load ({type(e).__name__}: {e})"], []
-    for name, spec in settings.rewards.items():
-        try:
-            route = classify(spec, tokenizer)
-        except GuideError as e:
-            problems.append(f"--reward {name}: {e}")
-            continue
-        if route in (Route.retokenized, Route.uncached):
-            why = "its tokenizer differs from the model's" if route is Route.retokenized else \
-                "its architecture has no cached path"
-            notices.append(f"--reward {name}: {why}; every candidate is recomputed from the text (slower)")
+    for kind, guides in (("reward", settings.rewards), ("value", settings.values)):
+        for name, spec in guides.items():
+            try:
+                route = classify(spec, tokenizer, kind)
+            except GuideError as e:
+                problems.append(f"--{kind} {name}: {e}")
+                continue
+            if route in (Route.retokenized, Route.uncached):
+                why = "its tokenizer differs from the model's" if route is Route.retokenized else \
+                    "its architecture has no cached path"
+                notices.append(f"--{kind} {name}: {why}; every candidate is recomputed from the text (slower)")
+    for role in ("reference", "baseline"):
+        spec = getattr(settings, role)
+        if spec is not None:
+            try:
+                check_lm(spec, tokenizer, config.vocab_size, role)
+            except GuideError as e:
+                problems.append(f"--{role}: {e}")
     return problems, notices
 
 
@@ -60,8 +73,10 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         rewards = dict(parse_named(item, "--reward") for item in args.reward) or None
+        values = dict(parse_named(item, "--value") for item in args.value) or None
         settings = load_settings(args.config, {
-            "model": args.model, "rewards": rewards, "host": args.host, "port": args.port,
+            "model": args.model, "rewards": rewards, "values": values, "reference": args.reference,
+            "baseline": args.baseline, "host": args.host, "port": args.port,
             "api_key": args.api_key, "dtype": args.dtype, "max_model_len": args.max_model_len,
             "served_model_name": args.served_model_name, "max_num_seqs": args.max_num_seqs,
             "gpu_memory_utilization": args.gpu_memory_utilization,
@@ -86,7 +101,8 @@ def serve(args: argparse.Namespace) -> int:
 
     app = create_app(settings, Engine(settings))
     print(f"alignd: starting the engine for {settings.model_name} "
-          f"(rewards: {', '.join(settings.rewards) or 'none'}); it serves at "
+          f"(rewards: {', '.join(settings.rewards) or 'none'}; values: {', '.join(settings.values) or 'none'}; "
+          f"reference: {settings.reference or 'none'}); it serves at "
           f"http://{settings.host}:{settings.port} once ready", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0

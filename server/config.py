@@ -17,6 +17,9 @@ class ServeSettings(BaseSettings):
 
     model: str = Field(description="base model: local folder or hub id")
     rewards: dict[str, str] = Field(default_factory=dict, description="NAME -> SPEC")
+    values: dict[str, str] = Field(default_factory=dict, description="VAS value models, NAME -> SPEC")
+    reference: str | None = Field(None, description="DeRa reference (SFT) model")
+    baseline: str | None = Field(None, description="Transfer Q* rollout model (default: the served model)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = None
@@ -31,13 +34,13 @@ class ServeSettings(BaseSettings):
     pipeline_parallel_size: int = Field(1, ge=1)
     seed: int = 0
 
-    @field_validator("rewards")
+    @field_validator("rewards", "values")
     @classmethod
-    def _names(cls, rewards: dict[str, str]) -> dict[str, str]:
-        bad = [n for n in rewards if not NAME.match(n)]
+    def _names(cls, guides: dict[str, str]) -> dict[str, str]:
+        bad = [n for n in guides if not NAME.match(n)]
         if bad:
-            raise ValueError(f"reward names must be letters, digits, '_', '.', '-': {bad}")
-        return rewards
+            raise ValueError(f"names must be letters, digits, '_', '.', '-': {bad}")
+        return guides
 
     @property
     def model_name(self) -> str:
@@ -55,8 +58,8 @@ def load_settings(config_file: Path | None, overrides: dict[str, Any]) -> ServeS
     for key, value in overrides.items():
         if value is None:
             continue
-        if key == "rewards":
-            data["rewards"] = {**(data.get("rewards") or {}), **value}
+        if key in ("rewards", "values"):
+            data[key] = {**(data.get(key) or {}), **value}
         else:
             data[key] = value
     return ServeSettings(**data)

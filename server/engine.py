@@ -30,7 +30,9 @@ class Engine:
 
     def engine_args(self) -> AsyncEngineArgs:
         s = self.settings
-        guides = GuideConfig(rewards=s.rewards, tokenizer=s.model)
+        guides = GuideConfig(
+            model=s.model, rewards=s.rewards, values=s.values, reference=s.reference, baseline=s.baseline
+        )
         return AsyncEngineArgs(
             model=s.model,
             served_model_name=[s.model_name],

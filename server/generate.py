@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
-from alignd.decoders.params import IN_ENGINE, AlignmentParams
+from alignd.decoders.params import IN_ENGINE, OWN_SUPPORT, AlignmentParams
 from alignd.server.engine import Engine
 from alignd.server.schemas import Candidate, ChoiceAlignment, SamplingFields
 
@@ -82,8 +82,9 @@ class Plan:
         req, al = self.req, self.alignment
         n, extra, top_p = req.n, None, req.top_p
         if al is not None and al.decoder in IN_ENGINE:
-            extra = {"alignd": al.model_dump(), "alignd_request": self.request_id}
-            top_p = 1.0  # the decoder's candidates are the support; top-p would cut them
+            extra = {"alignd": al.engine_args(), "alignd_request": self.request_id}
+            if al.decoder in OWN_SUPPORT:
+                top_p = 1.0  # the decoder's candidates are the support; top-p would cut them
         elif al is not None and al.decoder == "best_of_n":
             n = req.n * al.n
         return SamplingParams(

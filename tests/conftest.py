@@ -51,9 +51,9 @@ class Server:
         raise KeyError(name)
 
 
-@pytest.fixture(scope="session")
-def server(tiny, tmp_path_factory):
-    """One real alignd server (real vLLM CPU engine, real socket) for the whole session."""
+def start_server(config: dict, work: Path):
+    """Start `alignd serve --config` as a real process on a free port; yield a Server."""
+    import signal
     import subprocess
     import sys
     import time
@@ -62,22 +62,6 @@ def server(tiny, tmp_path_factory):
     import yaml
 
     root = Path(__file__).resolve().parent.parent
-    work = tmp_path_factory.mktemp("server")
-    config = {
-        "model": str(tiny["base"]),
-        "served_model_name": "tiny",
-        "dtype": "float32",
-        "max_model_len": 512,
-        "max_num_seqs": 32,
-        "max_concurrent_requests": 6,
-        "max_request_bytes": 65536,
-        "rewards": {
-            "a": str(tiny["rm_a"]),
-            "b": str(tiny["rm_b"]),
-            "other": str(tiny["rm_other"]),
-            "vowels": "py:tests.rules:vowel_share",
-        },
-    }
     (work / "serve.yaml").write_text(yaml.safe_dump(config))
     port = _free_port()
     log = work / "server.log"
@@ -90,23 +74,55 @@ def server(tiny, tmp_path_factory):
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")
-    yield Server(url, "tiny", config, log)
-    import signal
-
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield Server(url, config.get("served_model_name", config["model"]), config, log)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def server(tiny, tmp_path_factory):
+    """One real alignd server (real vLLM CPU engine, real socket) with every kind of guide,
+    shared by the whole session."""
+    config = {
+        "model": str(tiny["base"]),
+        "served_model_name": "tiny",
+        "dtype": "float32",
+        "max_model_len": 512,
+        "max_num_seqs": 32,
+        "max_concurrent_requests": 16,
+        "max_request_bytes": 65536,
+        "rewards": {
+            "a": str(tiny["rm_a"]),
+            "b": str(tiny["rm_b"]),
+            "other": str(tiny["rm_other"]),
+            "vowels": "py:tests.rules:vowel_share",
+        },
+        "values": {"va": str(tiny["rm_a"]), "vb": str(tiny["rm_b"])},
+        "reference": str(tiny["base2"]),
+        "baseline": str(tiny["base2"]),
+    }
+    yield from start_server(config, tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture(scope="session")
+def bare_server(tiny, tmp_path_factory):
+    """A server with one reward and nothing else: for requests naming guides it lacks."""
+    config = {"model": str(tiny["base"]), "served_model_name": "tiny", "dtype": "float32",
+              "max_model_len": 256, "rewards": {"a": str(tiny["rm_a"])}}
+    yield from start_server(config, tmp_path_factory.mktemp("bare"))

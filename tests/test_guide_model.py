@@ -88,3 +88,74 @@ def test_pool_growth_then_compaction_keeps_caches(rm):
     got = guide.score_candidates(slots, seqs, cands)
     want = torch.tensor([[hf_reward(rm, s + [c]) for c in row] for s, row in zip(seqs, cands.tolist())])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_branches_match_whole_sequences(rm):
+    """k branches of different lengths per row, one tree forward: each equals r(seq + branch)."""
+    rng = random.Random(4)
+    vocab = rm.config.vocab_size
+    guide = GuideModel(rm, "score", max_len=256)
+    seqs = [random_seq(rng, n, vocab) for n in (5, 12)]
+    slots = [guide.open() for _ in seqs]
+    k, span = 3, 4
+    tokens = torch.tensor([[[rng.randrange(7, vocab) for _ in range(span)] for _ in range(k)] for _ in seqs])
+    lengths = torch.tensor([[1, 4, 2], [3, 1, 4]])
+    got = guide.score_branches(slots, seqs, tokens, lengths)
+    want = torch.tensor([[hf_reward(rm, s + tokens[i, j, : lengths[i, j]].tolist()) for j in range(k)]
+                         for i, s in enumerate(seqs)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the chosen first token of a branch is committed without a forward, and stays exact
+    seqs = [s + [tokens[i, 1, 0].item()] for i, s in enumerate(seqs)]
+    cands = torch.tensor([[20, 21], [22, 23]])
+    got = guide.score_candidates(slots, seqs, cands)
+    want = torch.tensor([[hf_reward(rm, s + [c]) for c in row] for s, row in zip(seqs, cands.tolist())])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def hf_greedy(lm, seq: list[int], steps: int, eos: int) -> list[int]:
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            t = int(lm(torch.tensor([seq + out])).logits[0, -1].argmax())
+            out.append(t)
+            if t == eos:
+                break
+    return out
+
+
+def test_rollouts_match_greedy_generation(lm):
+    """Greedy rollouts of every candidate, forked from the cached prefix, equal plain greedy
+    generation from seq + [candidate], including the stop at eos."""
+    rng = random.Random(5)
+    vocab = lm.config.vocab_size
+    guide = GuideModel(lm, "lm", max_len=256)
+    seqs = [random_seq(rng, n, vocab) for n in (6, 10)]
+    cands = torch.tensor([[30, 31, 32], [33, 34, 35]])
+    eos = hf_greedy(lm, seqs[0] + [31], 3, -1)[2]  # a token some branch really emits
+    slots = [guide.open() for _ in seqs]
+    tokens, lengths = guide.rollout(slots, seqs, cands, 6, eos)
+    stopped = 0
+    for i, s in enumerate(seqs):
+        for j, c in enumerate(cands[i].tolist()):
+            want = hf_greedy(lm, s + [c], 6, eos)
+            assert tokens[i, j, : lengths[i, j]].tolist() == want
+            stopped += want[-1] == eos
+    assert stopped >= 1
+
+
+def test_padding_is_pooled_like_transformers(rm):
+    """transformers pools a sequence classifier at the last non-pad token; so must we, for
+    branches ending in pad tokens, branches of pad only, and whole sequences."""
+    pad = rm.config.pad_token_id
+    rng = random.Random(6)
+    guide = GuideModel(rm, "score", max_len=256)
+    seqs = [random_seq(rng, 8, rm.config.vocab_size), random_seq(rng, 5, rm.config.vocab_size) + [pad]]
+    slots = [guide.open() for _ in seqs]
+    tokens = torch.tensor([[[40, pad, pad], [pad, pad, 41]], [[pad, pad, pad], [42, 43, pad]]])
+    lengths = torch.tensor([[3, 3], [2, 3]])
+    got = guide.score_branches(slots, seqs, tokens, lengths)
+    want = torch.tensor([[hf_reward(rm, s + tokens[i, j, : lengths[i, j]].tolist()) for j in range(2)]
+                         for i, s in enumerate(seqs)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(guide.score_sequences(seqs), torch.tensor([hf_reward(rm, s) for s in seqs]),
+                               rtol=1e-4, atol=1e-4)

@@ -158,10 +158,12 @@ def test_non_streaming_disconnect_aborts(server):
 
 
 def test_overload_is_429(server):
-    """The test server admits 6 requests at once; the 7th is refused, the others are unharmed."""
+    """The test server admits `max_concurrent_requests` at once; one more is refused, the
+    others are unharmed."""
     body = completion(server, max_tokens=450, stream=True, ignore_eos=True, alignment=SLOW)
+    limit = server.config["max_concurrent_requests"]
     with server.http() as http:
-        streams = [http.stream("POST", "/v1/completions", json=body) for _ in range(6)]
+        streams = [http.stream("POST", "/v1/completions", json=body) for _ in range(limit)]
         opened = [s.__enter__() for s in streams]
         try:
             lines = [resp.iter_lines() for resp in opened]  # kept open: see above

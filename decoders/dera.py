@@ -1,0 +1,23 @@
+"""DeRa: Decoding-time Realignment (Liu et al., ICML 2024).
+
+    z = z_ref + λ · (z_served − z_ref)
+
+over the whole vocabulary; λ = 0 is the reference (SFT) model, 1 the served (aligned) model,
+λ > 1 extrapolates. The reference keeps its own KV cache and advances one token per step. Tokens
+the engine has already ruled out (-inf: grammar, allowed-token masks) stay ruled out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignd.decoders.base import Row
+from alignd.rewards.runtime import GuideRuntime
+
+
+def step(guides: GuideRuntime, rows: list[Row], seqs: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+    reference = guides.lm("reference")
+    z_ref = reference.last_outputs([row.state(guides, ("reference", "")) for row in rows], seqs)
+    lam = torch.tensor([row.params.lambda_ for row in rows], device=logits.device)[:, None]
+    mixed = z_ref.to(logits.device) + lam * (logits - z_ref.to(logits.device))
+    return torch.where(torch.isfinite(logits), mixed, logits)
