@@ -122,7 +122,11 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
                 "created": int(time.time()),
                 "owned_by": "alignd",
                 "max_model_len": engine.max_model_len,
-                "rewards": sorted(settings.rewards),
+                "alignment": {
+                    "decoders": ["args", "transfer_q", "vas", "best_of_n"] + (["dera"] if settings.reference else []),
+                    "rewards": sorted(settings.rewards),
+                    "values": sorted(settings.values),
+                },
             }],
         }
 
