@@ -62,7 +62,7 @@ def load_text_reward(spec: str) -> Callable[[list[str]], list[float]]:
     return fn
 
 
-def _same_vocab(a, b) -> bool:
+def same_vocab(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
 
 
@@ -101,7 +101,7 @@ def classify(spec: str, base_tokenizer, kind: str = "reward") -> Route:
         raise GuideError(f"{spec!r}: a {kind} model must be *ForSequenceClassification, found {_architecture(cfg)}")
     if cfg.num_labels != 1:
         raise GuideError(f"{spec!r}: a {kind} model needs exactly one label, found {cfg.num_labels}")
-    if not _same_vocab(tok, base_tokenizer):
+    if not same_vocab(tok, base_tokenizer):
         return Route.retokenized
     return Route.uncached if unsupported_reason(cfg) else Route.cached
 
@@ -114,7 +114,7 @@ def check_lm(spec: str, base_tokenizer, base_vocab_size: int, role: str) -> None
     cfg, tok = _load_config_and_tokenizer(spec)
     if not _architecture(cfg).endswith("ForCausalLM"):
         raise GuideError(f"{spec!r}: the {role} must be a *ForCausalLM model, found {_architecture(cfg)}")
-    if not _same_vocab(tok, base_tokenizer) or cfg.vocab_size != base_vocab_size:
+    if not same_vocab(tok, base_tokenizer) or cfg.vocab_size != base_vocab_size:
         raise GuideError(
             f"{spec!r}: the {role} must have the served model's vocabulary (tokenizer and "
             f"vocab_size {base_vocab_size}, found {cfg.vocab_size})"

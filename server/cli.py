@@ -1,4 +1,4 @@
-"""`alignd serve ...` and `alignd models build ...`."""
+"""`alignd serve ...`, `alignd train-value ...` and `alignd models build ...`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from alignd.rewards import train_value
 from alignd.rewards.specs import GuideError, Route, parse_named
 
 
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve_parser(sub)
+    train_value.add_parser(sub)
     models = sub.add_parser("models", help="build the offline demo models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     build = models_sub.add_parser("build", help="build the demo models into a cache folder")
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "train-value":
+        return train_value.run(args)
     from alignd.rewards.build import build as build_models
 
     build_models(args.cache)
