@@ -74,7 +74,8 @@ class KVPool:
         if slots <= have_s and length <= have_t:
             return
         new_s = max(slots, 2 * have_s, 4) if slots > have_s else have_s
-        new_t = min(max(length, 2 * have_t, 64), self.max_len) if length > have_t else have_t
+        # Room to grow: a prompt of L tokens gets about L/2 tokens of decoding before a copy.
+        new_t = min(max(length + length // 2 + 64, 2 * have_t), self.max_len) if length > have_t else have_t
         used = max((s.length for s in self.slots), default=0)
         for store in (self.keys, self.values):
             for i in range(self.layers):

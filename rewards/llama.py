@@ -59,15 +59,23 @@ def attend(
     kvh = k_prefix.shape[1]
     g = h // kvh
     q = q.reshape(b, kvh, g * nq, d) * d**-0.5
-    s_prefix = q @ k_prefix.transpose(-1, -2)
     t = k_prefix.shape[2]
+    # Scores in float32 (bf16 softmax loses too much); the two parts are normalized together
+    # without concatenating them, which saves a copy of the large prefix scores.
+    s_prefix = (q @ k_prefix.transpose(-1, -2)).float()
     beyond = torch.arange(t, device=q.device)[None, :] >= prefix_lengths[:, None]
-    s_prefix = s_prefix.masked_fill(beyond[:, None, None, :], float("-inf"))
-    s_new = q @ k_new.transpose(-1, -2)
+    s_prefix.masked_fill_(beyond[:, None, None, :], float("-inf"))
+    s_new = (q @ k_new.transpose(-1, -2)).float()
     mask = new_mask[:, None, None].expand(b, 1, g, nq, new_mask.shape[-1]).reshape(b, 1, g * nq, -1)
-    s_new = s_new.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(torch.cat([s_prefix, s_new], dim=-1).float(), dim=-1).to(q.dtype)
-    out = p[..., :t] @ v_prefix + p[..., t:] @ v_new
+    s_new.masked_fill_(~mask, float("-inf"))
+    # Every query sees itself among the new tokens, so the maximum is finite.
+    m = s_new.amax(-1, keepdim=True)
+    if t:
+        m = torch.maximum(m, s_prefix.amax(-1, keepdim=True))
+    p_prefix, p_new = (s_prefix - m).exp_(), (s_new - m).exp_()
+    z = p_prefix.sum(-1, keepdim=True) + p_new.sum(-1, keepdim=True)
+    out = (p_prefix.to(q.dtype) @ v_prefix).float() + (p_new.to(q.dtype) @ v_new).float()
+    out = (out / z).to(q.dtype)
     return out.reshape(b, h, nq, d)
 
 

@@ -95,6 +95,10 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
             if unknown:
                 have = sorted(configured) or f"none (start the server with --{kind} NAME=SPEC)"
                 raise HTTPError(400, f"unknown {kind} {unknown[0]!r}; configured {kind}s: {have}", f"alignment.{kind}s")
+        if not al.reward_cache and not settings.allow_reward_recompute:
+            raise HTTPError(400, "reward_cache=false (recompute every candidate from the whole text) is off on "
+                            "this server: its steps can stall every request; start it with "
+                            "--allow-reward-recompute to benchmark it", "alignment.reward_cache")
         if al.decoder == "dera" and settings.reference is None:
             raise HTTPError(400, "dera needs a reference model: start the server with --reference PATH_OR_ID",
                             "alignment.decoder")

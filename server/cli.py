@@ -31,6 +31,8 @@ def serve_parser(sub) -> None:
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--tensor-parallel-size", type=int)
     p.add_argument("--pipeline-parallel-size", type=int)
+    p.add_argument("--allow-reward-recompute", action="store_true", default=None,
+                   help="accept alignment.reward_cache=false (the naive, very slow path; benchmarks)")
     p.add_argument("--config", type=Path, help="YAML file with the same keys (flags override it)")
 
 
@@ -83,6 +85,7 @@ def serve(args: argparse.Namespace) -> int:
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "tensor_parallel_size": args.tensor_parallel_size,
             "pipeline_parallel_size": args.pipeline_parallel_size,
+            "allow_reward_recompute": args.allow_reward_recompute,
         })
     except (GuideError, ValueError, OSError, ValidationError) as e:
         print(f"alignd: {e}", file=sys.stderr)

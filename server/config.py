@@ -33,6 +33,11 @@ class ServeSettings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     seed: int = 0
+    allow_reward_recompute: bool = Field(
+        False,
+        description="accept alignment.reward_cache=false: every candidate re-run over the whole "
+        "text, whose steps can take minutes and stall every request (benchmarks only)",
+    )
 
     @field_validator("rewards", "values")
     @classmethod

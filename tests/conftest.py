@@ -107,6 +107,7 @@ def server(tiny, tmp_path_factory):
         "max_num_seqs": 32,
         "max_concurrent_requests": 16,
         "max_request_bytes": 65536,
+        "allow_reward_recompute": True,
         "rewards": {
             "a": str(tiny["rm_a"]),
             "b": str(tiny["rm_b"]),

@@ -52,6 +52,16 @@ def test_args_greedy_equals_reference(server, hf, weights, top_k):
         assert got.choices[0].token_ids == want, prompt
 
 
+def test_recompute_path_equals_cached_path(server):
+    """reward_cache=false re-runs every candidate over the whole text (the reference codes'
+    way); it must choose exactly what the cached path chooses."""
+    for prompt in PROMPTS[:2]:
+        al = {"decoder": "args", "rewards": {"a": 2.0, "b": -1.0}, "top_k": 6}
+        cached = complete(server, prompt, al)
+        recomputed = complete(server, prompt, {**al, "reward_cache": False})
+        assert recomputed.choices[0].token_ids == cached.choices[0].token_ids
+
+
 def test_args_weight_zero_is_plain_greedy(server, hf):
     tok, base, _ = hf
     for prompt in PROMPTS:

@@ -146,6 +146,7 @@ def test_non_finite_lambda_is_400(server):
 @pytest.mark.parametrize("alignment,option", [
     ({"decoder": "dera", "lambda": 0.5}, "--reference"),
     ({"decoder": "vas", "values": {"va": 1.0}}, "--value"),
+    ({"decoder": "args", "rewards": {"a": 1.0}, "reward_cache": False}, "--allow-reward-recompute"),
 ])
 def test_decoder_without_its_model_names_the_option(bare_server, alignment, option):
     body = {"model": bare_server.model, "prompt": "hi", "max_tokens": 2, "alignment": alignment}
