@@ -184,3 +184,17 @@ def test_metrics_count_requests(server):
     after = server.metric('alignd_requests_total{decoder="args",endpoint="completions",status="200"}')
     assert after == before + 1
     assert server.metric("alignd_guided_steps") > 0
+
+
+def test_stop_strings_and_seeds(server):
+    client = server.client()
+    kw = dict(model=server.model, prompt="what a lovely day", max_tokens=16, temperature=0)
+    full = client.completions.create(**kw).choices[0].text
+    cut = full[len(full) // 2: len(full) // 2 + 2]
+    stopped = client.completions.create(stop=[cut], **kw).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == full[: full.index(cut)]
+    sampled = dict(model=server.model, prompt="the film", max_tokens=12, temperature=1.2, seed=42,
+                   extra_body={"alignment": {"decoder": "args", "rewards": {"a": 1.0}, "top_k": 8}})
+    a, b = (client.completions.create(**sampled).choices[0].text for _ in range(2))
+    c = client.completions.create(**{**sampled, "seed": 43}).choices[0].text
+    assert a == b and a != c
