@@ -1,7 +1,10 @@
-"""The cached guide forward against plain transformers forwards of whole sequences."""
+"""The cached guide forward against plain transformers forwards of whole sequences.
+
+ALIGND_TEST_DEVICE=cuda runs the same checks on a GPU (the guide runtime's GPU path)."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -10,17 +13,24 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from alignd.rewards.guide_model import GuideModel
 
+DEVICE = torch.device(os.environ.get("ALIGND_TEST_DEVICE", "cpu"))
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
+
+
 def hf_reward(model, seq: list[int]) -> float:
     with torch.no_grad():
-        return model(torch.tensor([seq])).logits[0, 0].item()
+        return model(torch.tensor([seq], device=DEVICE)).logits[0, 0].item()
 
 @pytest.fixture(scope="module")
 def rm(tiny):
-    return AutoModelForSequenceClassification.from_pretrained(tiny["rm_a"], dtype=torch.float32)
+    return AutoModelForSequenceClassification.from_pretrained(tiny["rm_a"], dtype=torch.float32).to(DEVICE)
 
 @pytest.fixture(scope="module")
 def lm(tiny):
-    return AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32).to(DEVICE)
 
 def random_seq(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(7, vocab) for _ in range(n)]
@@ -31,7 +41,7 @@ def test_score_sequences_matches_transformers(rm):
     guide = GuideModel(rm, "score", max_len=256)
     ours = guide.score_sequences(seqs)
     ref = torch.tensor([hf_reward(rm, s) for s in seqs])
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    close(ours, ref)
 
 def test_candidates_follow_sequences_through_steps(rm):
     """Three requests of different lengths step together; each step the chosen token is one of
@@ -47,7 +57,7 @@ def test_candidates_follow_sequences_through_steps(rm):
         cands = torch.tensor([random.Random(step * 10 + i).sample(range(7, vocab), k) for i in range(len(seqs))])
         got = guide.score_candidates(slots, seqs, cands)
         want = torch.tensor([[hf_reward(rm, s + [c]) for c in row] for s, row in zip(seqs, cands.tolist())])
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        close(got, want)
         for i, row in enumerate(cands.tolist()):
             seqs[i] = seqs[i] + ([row[step % k]] if (i + step) % 3 else [rng.randrange(7, vocab)])
         if step == 2:
@@ -67,8 +77,8 @@ def test_last_outputs_match_causal_lm(lm):
     for _ in range(4):
         got = guide.last_outputs(slots, seqs)
         with torch.no_grad():
-            want = torch.stack([lm(torch.tensor([s])).logits[0, -1] for s in seqs])
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            want = torch.stack([lm(torch.tensor([s], device=DEVICE)).logits[0, -1] for s in seqs])
+        close(got, want)
         seqs = [s + [rng.randrange(7, vocab)] for s in seqs]
 
 
@@ -87,7 +97,7 @@ def test_pool_growth_then_compaction_keeps_caches(rm):
     cands = torch.tensor([[9, 10, 11], [12, 13, 14]])
     got = guide.score_candidates(slots, seqs, cands)
     want = torch.tensor([[hf_reward(rm, s + [c]) for c in row] for s, row in zip(seqs, cands.tolist())])
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    close(got, want)
 
 
 def test_branches_match_whole_sequences(rm):
@@ -103,20 +113,20 @@ def test_branches_match_whole_sequences(rm):
     got = guide.score_branches(slots, seqs, tokens, lengths)
     want = torch.tensor([[hf_reward(rm, s + tokens[i, j, : lengths[i, j]].tolist()) for j in range(k)]
                          for i, s in enumerate(seqs)])
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    close(got, want)
     # the chosen first token of a branch is committed without a forward, and stays exact
     seqs = [s + [tokens[i, 1, 0].item()] for i, s in enumerate(seqs)]
     cands = torch.tensor([[20, 21], [22, 23]])
     got = guide.score_candidates(slots, seqs, cands)
     want = torch.tensor([[hf_reward(rm, s + [c]) for c in row] for s, row in zip(seqs, cands.tolist())])
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    close(got, want)
 
 
 def hf_greedy(lm, seq: list[int], steps: int, eos: int) -> list[int]:
     out = []
     with torch.no_grad():
         for _ in range(steps):
-            t = int(lm(torch.tensor([seq + out])).logits[0, -1].argmax())
+            t = int(lm(torch.tensor([seq + out], device=DEVICE)).logits[0, -1].argmax())
             out.append(t)
             if t == eos:
                 break
@@ -156,6 +166,5 @@ def test_padding_is_pooled_like_transformers(rm):
     got = guide.score_branches(slots, seqs, tokens, lengths)
     want = torch.tensor([[hf_reward(rm, s + tokens[i, j, : lengths[i, j]].tolist()) for j in range(2)]
                          for i, s in enumerate(seqs)])
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(guide.score_sequences(seqs), torch.tensor([hf_reward(rm, s) for s in seqs]),
-                               rtol=1e-4, atol=1e-4)
+    close(got, want)
+    close(guide.score_sequences(seqs), torch.tensor([hf_reward(rm, s) for s in seqs]))
