@@ -32,7 +32,6 @@ guide_step.py (guide_timing.py).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -42,8 +41,7 @@ from pathlib import Path
 
 # engine_bench sets the environment vLLM reads at import time; import it before vLLM.
 from engine_bench import (
-    describe_worker, ensure_base, ensure_reward_model, fmt, machine_description, make_engine, make_prompts, measure,
-    measure_cell,
+    common_parser, ensure_reward_model, fmt, measure, measure_cell, prepare, report_head, start_engine,
 )
 from guide_timing import time_score_candidates
 
@@ -158,31 +156,11 @@ def build_tables(args, runs: dict, bare: dict, bare_proc: dict) -> tuple[str, li
 
 
 async def run_all(args, base: Path, rm: Path) -> tuple[dict, dict, dict, list[str], str | None]:
-    from alignd.server.config import ServeSettings
-
-    settings = ServeSettings(
-        model=str(base),
-        rewards={RM_NAME: str(rm)},
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=max(max(args.concurrency), 1),
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        seed=0,
-    )
-    engine = make_engine(settings, max(args.concurrency) * max(args.contexts))
-    prompts = {ctx: make_prompts(engine.tokenizer, max(args.concurrency), ctx) for ctx in args.contexts}
-    t = time.perf_counter()
-    engine.start()
-    log = [f"engine start-up: {time.perf_counter() - t:.0f} s"]
-    print(f"bench: {log[-1]}", flush=True)
+    engine, prompts, log, info = await start_engine(args, base, rewards={RM_NAME: str(rm)})
     runs: dict = {}
     bare: dict = {}
     profile_table = None
-    info: dict = {}
     try:
-        info, line = await describe_worker(engine)
-        log.append(line)
-        print(f"bench: {log[-1]}", flush=True)
         # warm-up: kernels, allocator, the guide runtime's first forward
         for method in ("plain", "args"):
             await measure(engine, method, alignment(method, args.k), prompts[min(args.contexts)][:2], 4)
@@ -243,17 +221,8 @@ async def run_all(args, base: Path, rm: Path) -> tuple[dict, dict, dict, list[st
 def write_report(path: Path, args, base: Path, rm: Path, machine: dict, tables: str, targets: list[str],
                  runs: dict, bare: dict, bare_proc: dict, records: list[dict], log: list[str],
                  profile_table: str | None, elapsed: float) -> None:
-    cmd = " ".join(["python"] + sys.argv)
     lines = [
-        f"# ARGS speed: plain vs cached ARGS vs naive ARGS ({machine['date']})",
-        "",
-        f"Command: `{cmd}` (total {elapsed / 60:.1f} min)",
-        "",
-        "## Machine",
-        "",
-        *[f"- {k}: {v}" for k, v in machine.items()],
-        *[f"- {line}" for line in log],
-        "",
+        *report_head("ARGS speed: plain vs cached ARGS vs naive ARGS", machine, log, elapsed),
         "## Setup",
         "",
         f"- base: `{base.name}` ({base}); reward model: `{rm.name}` (the base's backbone + seeded random "
@@ -304,33 +273,12 @@ def write_report(path: Path, args, base: Path, rm: Path, machine: dict, tables: 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", help="base model folder (default: build SmolLM2-135M-Instruct into --cache)")
-    p.add_argument("--cache", type=Path, default=Path("~/.cache/alignd"), help="where models are built")
-    p.add_argument("--reward-model", help="reward model folder (default: build one from the base into --cache)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--contexts", type=int, nargs="+", default=[64, 512])
+    p = common_parser(__doc__, "bench/results/args_speed_<machine>.md")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--k", type=int, default=10, help="ARGS candidates per step")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request, plain and ARGS")
-    p.add_argument("--naive-max-tokens", type=int, default=3,
-                   help="tokens per request, naive ARGS (slow; 2 = a steady window of one step)")
-    p.add_argument("--min-cpu-share", type=float, default=None,
-                   help="a run whose engine-worker thread got less CPU time than this share of the wall time "
-                        "was contended by another process: measured again (plain, ARGS); default 0.9 on CPU, "
-                        "off on GPU")
-    p.add_argument("--retries", type=int, default=2, help="re-measurements of a contended run")
-    p.add_argument("--bare-reps", type=int, default=10, help="timed repetitions of the bare reward forward")
     p.add_argument("--skip-process-bare", action="store_true", help="time the bare forward only in the worker")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0, help="seed of the reward model's random score head")
     p.add_argument("--profile", help="write a torch-profiler table of the worker during ARGS at the largest "
                                      "batch and context to this file")
     p.add_argument("--profile-trace", action="store_true", help="also export a chrome trace beside it")
-    p.add_argument("--out", type=Path, help="markdown result file (e.g. bench/results/args_speed_<machine>.md)")
     args = p.parse_args(argv)
     if args.max_tokens < 3 or args.naive_max_tokens < 2:
         p.error("--max-tokens needs at least 3 and --naive-max-tokens at least 2 (rows decode in lockstep: "
@@ -340,17 +288,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    on_gpu = torch.cuda.is_available()
-    args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
-    if args.min_cpu_share is None:
-        args.min_cpu_share = 0.0 if on_gpu else 0.9
-    device = "cuda" if on_gpu else "cpu"
-    cache = args.cache.expanduser()
-    started = time.perf_counter()
-    machine = machine_description(device)
-    base = ensure_base(args.base, cache)
+    device, cache, started, machine, base = prepare(args)
     rm = Path(args.reward_model).expanduser() if args.reward_model else ensure_reward_model(base, cache, args.seed)
     if max(args.contexts) + max(args.max_tokens, args.naive_max_tokens) > args.max_model_len:
         raise SystemExit("bench: the longest context + max tokens exceeds --max-model-len")

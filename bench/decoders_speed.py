@@ -36,7 +36,6 @@ Timings depend only on shapes, so random heads do not matter.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
@@ -45,8 +44,8 @@ from pathlib import Path
 
 # engine_bench sets the environment vLLM reads at import time; import it before vLLM.
 from engine_bench import (
-    describe_worker, ensure_base, ensure_copy, ensure_reward_model, ensure_score_model, fmt, machine_description,
-    make_engine, make_prompts, measure, measure_cell,
+    common_parser, ensure_copy, ensure_reward_model, ensure_score_model, fmt, measure, measure_cell, prepare,
+    report_head, start_engine,
 )
 from guide_timing import time_lm_step, time_regenerate, time_score_candidates, time_transfer_q
 
@@ -108,33 +107,14 @@ def worker_regenerate(worker, prompts: list[list[int]], k: int, rollout_tokens: 
 
 # -- the run ---------------------------------------------------------------------------------------
 async def run_all(args, models: dict[str, Path]) -> tuple[dict, dict, dict, list[str]]:
-    from alignd.server.config import ServeSettings
-
-    settings = ServeSettings(
-        model=str(models["base"]),
-        rewards={RM: str(models["reward"])},
-        values={VALUE: str(models["value"])},
-        reference=str(models["reference"]),
-        baseline=str(models["baseline"]) if models.get("baseline") else None,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=max(max(args.concurrency), 1),
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        seed=0,
-    )
-    engine = make_engine(settings, max(args.concurrency) * max(args.contexts))
-    prompts = {ctx: make_prompts(engine.tokenizer, max(args.concurrency), ctx) for ctx in args.contexts}
-    t = time.perf_counter()
-    engine.start()
-    log = [f"engine start-up: {time.perf_counter() - t:.0f} s"]
-    print(f"bench: {log[-1]}", flush=True)
+    guides = {"rewards": {RM: str(models["reward"])}, "values": {VALUE: str(models["value"])},
+              "reference": str(models["reference"]),
+              "baseline": str(models["baseline"]) if models.get("baseline") else None}
+    engine, prompts, log, _ = await start_engine(args, models["base"], **guides)
     runs: dict = {}
     bare: dict = {}
     regen: dict = {}
     try:
-        _, line = await describe_worker(engine)
-        log.append(line)
-        print(f"bench: {log[-1]}", flush=True)
         # warm-up: kernels, allocator, each guide's first forward (and the baseline's loading)
         t = time.perf_counter()
         for method in args.methods:
@@ -275,19 +255,10 @@ def build_tables(args, runs: dict, bare: dict, regen: dict) -> tuple[str, list[s
 
 def write_report(path: Path, args, models: dict[str, Path], machine: dict, tables: list[str], targets: list[str],
                  runs: dict, bare: dict, regen: dict, records: list[dict], log: list[str], elapsed: float) -> None:
-    cmd = " ".join(["python"] + sys.argv)
     baseline = (f"`{models['baseline'].name}`" if models.get("baseline")
                 else "the served model (default), loaded a second time by the guide runtime")
     lines = [
-        f"# Decoder speed: plain vs ARGS, VAS, DeRa, Transfer Q* on one engine ({machine['date']})",
-        "",
-        f"Command: `{cmd}` (total {elapsed / 60:.1f} min)",
-        "",
-        "## Machine",
-        "",
-        *[f"- {k}: {v}" for k, v in machine.items()],
-        *[f"- {line}" for line in log],
-        "",
+        *report_head("Decoder speed: plain vs ARGS, VAS, DeRa, Transfer Q* on one engine", machine, log, elapsed),
         "## Setup",
         "",
         f"- base: `{models['base'].name}` ({models['base']}), 30 layers",
@@ -349,44 +320,24 @@ def write_report(path: Path, args, models: dict[str, Path], machine: dict, table
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", help="base model folder (default: build SmolLM2-135M-Instruct into --cache)")
-    p.add_argument("--cache", type=Path, default=Path("~/.cache/alignd"), help="where models are built")
-    p.add_argument("--reward-model", help="reward model folder (default: build one from the base into --cache)")
+    p = common_parser(__doc__, "bench/results/decoders_speed_<machine>.md")
     p.add_argument("--value-model", help="VAS value model folder (default: build one from the base's first "
                                          "--value-layers layers into --cache)")
     p.add_argument("--value-layers", type=int, default=8, help="layers of the built value model")
     p.add_argument("--reference", help="DeRa reference folder (default: a copy of the base in --cache)")
     p.add_argument("--baseline", help="Transfer Q* baseline folder (default: the served model)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--contexts", type=int, nargs="+", default=[64, 512])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
                    help="plain is always run (the ratios need it)")
-    p.add_argument("--k", type=int, default=10, help="candidates per step (ARGS, VAS, TQ*)")
     p.add_argument("--rollout-tokens", type=int, default=20, help="TQ* rollout length")
     p.add_argument("--vas-beta", type=float, default=1.0)
     p.add_argument("--dera-lambda", type=float, default=2.0)
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (plain, ARGS, VAS, DeRa)")
     p.add_argument("--tq-max-tokens", type=int, default=4,
                    help="tokens per request, TQ* (each step is k x rollout-tokens rollout steps: slow on CPU)")
-    p.add_argument("--naive-max-tokens", type=int, default=3, help="tokens per request, naive ARGS")
-    p.add_argument("--bare-reps", type=int, default=10, help="timed repetitions of a bare guide forward")
     p.add_argument("--tq-bare-reps", type=int, default=3, help="timed repetitions of the bare TQ* compute")
     p.add_argument("--skip-regenerate", action="store_true", help="no from-scratch TQ* comparator")
     p.add_argument("--regen-steps", type=int, default=1, help="from-scratch TQ* steps timed per cell")
     p.add_argument("--regen-rows", type=int, default=0,
                    help="time only the first N rows of each from-scratch step and scale to all rows (0: all)")
-    p.add_argument("--min-cpu-share", type=float, default=None,
-                   help="a run whose engine-worker thread got less CPU time than this share of the wall time "
-                        "was contended by another process: measured again (not naive / TQ*); default 0.9 on "
-                        "CPU, off on GPU")
-    p.add_argument("--retries", type=int, default=2, help="re-measurements of a contended run")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0, help="seed of the built models' random score heads")
-    p.add_argument("--out", type=Path, help="markdown result file (e.g. bench/results/decoders_speed_<machine>.md)")
     args = p.parse_args(argv)
     args.methods = ["plain"] + [m for m in METHODS if m in args.methods and m != "plain"]
     if min(args.max_tokens, args.tq_max_tokens, args.naive_max_tokens) < 3:
@@ -397,17 +348,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    on_gpu = torch.cuda.is_available()
-    args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
-    if args.min_cpu_share is None:
-        args.min_cpu_share = 0.0 if on_gpu else 0.9
-    device = "cuda" if on_gpu else "cpu"
-    cache = args.cache.expanduser()
-    started = time.perf_counter()
-    machine = machine_description(device)
-    base = ensure_base(args.base, cache)
+    device, cache, started, machine, base = prepare(args)
     path = lambda p: Path(p).expanduser() if p else None  # noqa: E731
     models = {
         "base": base,

@@ -10,6 +10,7 @@ inside the alignd logits processor from the worker's counters.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
 import datetime as dt
@@ -429,3 +430,90 @@ def fmt(x: float, digits: int = 1) -> str:
     if x != x:  # nan
         return "-"
     return f"{x:.{digits}f}"
+
+
+def common_parser(doc: str, out_example: str) -> argparse.ArgumentParser:
+    """The options every engine benchmark shares: models, cells, budgets, device, output."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--base", help="base model folder (default: build SmolLM2-135M-Instruct into --cache)")
+    p.add_argument("--cache", type=Path, default=Path("~/.cache/alignd"), help="where models are built")
+    p.add_argument("--reward-model", help="reward model folder (default: build one from the base into --cache)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--contexts", type=int, nargs="+", default=[64, 512])
+    p.add_argument("--k", type=int, default=10, help="candidates per step")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request")
+    p.add_argument("--naive-max-tokens", type=int, default=3,
+                   help="tokens per request, naive ARGS (slow; 2 = a steady window of one step)")
+    p.add_argument("--bare-reps", type=int, default=10, help="timed repetitions of a bare guide forward")
+    p.add_argument("--min-cpu-share", type=float, default=None,
+                   help="a run whose engine-worker thread got less CPU time than this share of the wall time "
+                        "was contended by another process: measured again; default 0.9 on CPU, off on GPU")
+    p.add_argument("--retries", type=int, default=2, help="re-measurements of a contended run")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0, help="seed of the built models' random score heads")
+    p.add_argument("--out", type=Path, help=f"markdown result file (e.g. {out_example})")
+    return p
+
+
+def prepare(args: argparse.Namespace) -> tuple[str, Path, float, dict, Path]:
+    """Device defaults, the machine's description and the base model: (device, cache, started,
+    machine, base)."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    if args.min_cpu_share is None:
+        args.min_cpu_share = 0.0 if on_gpu else 0.9
+    device = "cuda" if on_gpu else "cpu"
+    cache = args.cache.expanduser()
+    started = time.perf_counter()
+    return device, cache, started, machine_description(device), ensure_base(args.base, cache)
+
+
+async def start_engine(args: argparse.Namespace, base: Path, **guides) -> tuple:
+    """One engine serving the base with `guides` (ServeSettings fields: rewards, values,
+    reference, baseline), prompts for every context, and the log lines of its start:
+    (engine, prompts, log, worker info). The engine is shut down if describing it fails."""
+    from alignd.server.config import ServeSettings
+
+    settings = ServeSettings(
+        model=str(base),
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=max(max(args.concurrency), 1),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        seed=0,
+        **guides,
+    )
+    engine = make_engine(settings, max(args.concurrency) * max(args.contexts))
+    prompts = {ctx: make_prompts(engine.tokenizer, max(args.concurrency), ctx) for ctx in args.contexts}
+    t = time.perf_counter()
+    engine.start()
+    log = [f"engine start-up: {time.perf_counter() - t:.0f} s"]
+    print(f"bench: {log[-1]}", flush=True)
+    try:
+        info, line = await describe_worker(engine)
+    except BaseException:
+        engine.shutdown()
+        raise
+    log.append(line)
+    print(f"bench: {log[-1]}", flush=True)
+    return engine, prompts, log, info
+
+
+def report_head(title: str, machine: dict, log: list[str], elapsed: float) -> list[str]:
+    """The first lines of a result file: title, the exact command, the machine."""
+    return [
+        f"# {title} ({machine['date']})",
+        "",
+        f"Command: `{' '.join(['python'] + sys.argv)}` (total {elapsed / 60:.1f} min)",
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in machine.items()],
+        *[f"- {line}" for line in log],
+        "",
+    ]
