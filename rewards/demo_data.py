@@ -158,6 +158,14 @@ SAMPLING = {
 SAMPLES = "samples.jsonl"
 
 
+def sampled_rtp_prompts() -> list[dict]:
+    """The seeded subset of RealToxicityPrompts the base model is sampled on (and the toxicity
+    guides are fitted on)."""
+    rtp = list(rtp_prompts())
+    random.Random(SEED + 1).shuffle(rtp)
+    return rtp[: SAMPLING["toxicity"]["prompts"]]
+
+
 def sample_sources(tokenizer) -> list[dict]:
     """The prompts the base model is sampled on: one chat prompt per IMDB review (its opening
     words), and a seeded subset of RealToxicityPrompts (alternately as a chat request and as raw
@@ -168,9 +176,7 @@ def sample_sources(tokenizer) -> list[dict]:
         text = sentiment_prompt(r)
         rows.append({"set": "sentiment", "id": r["id"], "split": "heldout" if r["id"] in held_imdb else "train",
                      "format": "chat", "prompt": text, "prompt_ids": encode(tokenizer, text, True)})
-    rtp = list(rtp_prompts())
-    random.Random(SEED + 1).shuffle(rtp)
-    for k, r in enumerate(rtp[: SAMPLING["toxicity"]["prompts"]]):
+    for k, r in enumerate(sampled_rtp_prompts()):
         chat = k % 2 == 0
         text = TOXICITY_TEMPLATE.format(text=r["text"]) if chat else r["text"]
         rows.append({"set": "toxicity", "id": r["id"], "split": "heldout" if r["id"] in held_rtp else "train",

@@ -1,0 +1,1 @@
+"""Alignment-quality benchmark of alignd's decoders on real prompts (sentiment steering, detoxification)."""
