@@ -186,8 +186,8 @@ def top_model(base: str | Path, first: int, last: int):
     return top
 
 
-def top_scores(top, states: list[torch.Tensor], positions: list[list[int]], idx: list[int]) -> torch.Tensor:
-    """Head outputs of the top model at the listed positions of sequences idx (concatenated)."""
+def top_hidden(top, states: list[torch.Tensor], idx: list[int]) -> torch.Tensor:
+    """The top model's final-norm states of sequences idx, right-padded into one batch."""
     width = max(len(states[i]) for i in idx)
     x = torch.zeros(len(idx), width, states[idx[0]].shape[-1], dtype=torch.float32)
     mask = torch.zeros(len(idx), width, dtype=torch.long)
@@ -195,7 +195,12 @@ def top_scores(top, states: list[torch.Tensor], positions: list[list[int]], idx:
         x[row, : len(states[i])] = states[i].float()
         mask[row, : len(states[i])] = 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        hidden = top.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        return top.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+
+
+def top_scores(top, states: list[torch.Tensor], positions: list[list[int]], idx: list[int]) -> torch.Tensor:
+    """Head outputs of the top model at the listed positions of sequences idx (concatenated)."""
+    hidden = top_hidden(top, states, idx)
     rows = torch.cat([torch.full((len(positions[i]),), row) for row, i in enumerate(idx)])
     cols = torch.cat([torch.tensor(positions[i], dtype=torch.long) for i in idx])
     return top.score(hidden[rows, cols].float())[:, 0]
@@ -207,14 +212,7 @@ def top_features(top, states, positions, idx_all: list[int], tokens_per_batch: i
     with torch.inference_mode():
         for idx in length_batches([len(states[i]) for i in idx_all], tokens_per_batch):
             sel = [idx_all[j] for j in idx]
-            width = max(len(states[i]) for i in sel)
-            x = torch.zeros(len(sel), width, states[sel[0]].shape[-1])
-            mask = torch.zeros(len(sel), width, dtype=torch.long)
-            for row, i in enumerate(sel):
-                x[row, : len(states[i])] = states[i].float()
-                mask[row, : len(states[i])] = 1
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                hidden = top.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+            hidden = top_hidden(top, states, sel)
             for row, i in enumerate(sel):
                 feats[i] = hidden[row, positions[i]].float()
     return torch.cat([feats[i] for i in idx_all])

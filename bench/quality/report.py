@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -284,22 +282,9 @@ def plots(summary: dict, out_dir: Path, stem: str) -> list[tuple[str, str]]:
 # -- the report ----------------------------------------------------------------------------------
 def machine() -> dict:
     import torch
-    import transformers
-    import vllm
+    from engine_bench import machine_description  # bench/ is on sys.path (see __main__.py)
 
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-            "python": platform.python_version(), "torch": torch.__version__, "vllm": vllm.__version__,
-            "transformers": transformers.__version__}
+    return machine_description("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def model_card(spec: str) -> str:
@@ -369,7 +354,7 @@ def write(args, text: dict, scores: dict, tasks: dict) -> None:
     mach = machine()
     dates = sorted({r["date"] for rows in summary.values() for r in rows.values()})
     cmd = "python bench/quality " + " ".join(text["argv"])
-    L = [f"# Alignment quality of alignd's decoders on real prompts",
+    L = ["# Alignment quality of alignd's decoders on real prompts",
          "",
          f"Command: `{cmd}`  ",
          f"Generated {dates[0] if dates else '?'} .. {dates[-1] if dates else '?'}; report written "
