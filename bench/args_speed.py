@@ -33,7 +33,6 @@ guide_step.py (guide_timing.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import time
@@ -41,7 +40,8 @@ from pathlib import Path
 
 # engine_bench sets the environment vLLM reads at import time; import it before vLLM.
 from engine_bench import (
-    common_parser, ensure_reward_model, fmt, measure, measure_cell, prepare, report_head, start_engine,
+    common_parser, ensure_reward_model, fmt, measure, measure_cell, notes_section, prepare, report_head,
+    start_engine, write_result_file,
 )
 from guide_timing import time_score_candidates
 
@@ -252,11 +252,7 @@ def write_report(path: Path, args, base: Path, rm: Path, machine: dict, tables: 
         *[f"- {t}" for t in targets],
         "",
     ]
-    noted = [r for r in runs.values() if r.notes]
-    if noted:
-        lines += ["## Notes on runs", ""]
-        lines += [f"- {r.method}, {r.rows} rows, {r.context} ctx: {'; '.join(r.notes)}" for r in noted]
-        lines += [""]
+    lines += notes_section(runs.values())
     if profile_table:
         lines += ["## Profile (torch profiler in the engine worker: an extra ARGS run at the largest batch and "
                   "context, its steady window only)", "",
@@ -267,9 +263,7 @@ def write_report(path: Path, args, base: Path, rm: Path, machine: dict, tables: 
         "bare_process": [{"rows": k[0], "context": k[1], **v} for k, v in bare_proc.items()],
         "overhead": records,
     }
-    lines += ["## Raw numbers", "", "```json", json.dumps(raw, indent=1), "```", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    write_result_file(path, lines, raw)
 
 
 def parse_args(argv=None):

@@ -37,15 +37,14 @@ Timings depend only on shapes, so random heads do not matter.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
 
 # engine_bench sets the environment vLLM reads at import time; import it before vLLM.
 from engine_bench import (
-    common_parser, ensure_copy, ensure_reward_model, ensure_score_model, fmt, measure, measure_cell, prepare,
-    report_head, start_engine,
+    common_parser, ensure_copy, ensure_reward_model, ensure_score_model, fmt, measure, measure_cell,
+    notes_section, prepare, report_head, start_engine, write_result_file,
 )
 from guide_timing import time_lm_step, time_regenerate, time_score_candidates, time_transfer_q
 
@@ -303,20 +302,14 @@ def write_report(path: Path, args, models: dict[str, Path], machine: dict, table
     if len(tables) > 2:
         lines += ["## Transfer Q* vs regenerating the rollouts from scratch", "", tables[2], ""]
     lines += ["## Targets (stated for a GPU; recorded here on this machine)", "", *[f"- {t}" for t in targets], ""]
-    noted = [r for r in runs.values() if r.notes]
-    if noted:
-        lines += ["## Notes on runs", ""]
-        lines += [f"- {r.method}, {r.rows} rows, {r.context} ctx: {'; '.join(r.notes)}" for r in noted]
-        lines += [""]
+    lines += notes_section(runs.values())
     raw = {
         "runs": [r.raw() for r in runs.values()],
         "bare_worker": [{"method": k[0], "rows": k[1], "context": k[2], **v} for k, v in bare.items()],
         "regenerate": [{"rows": k[0], "context": k[1], **v} for k, v in regen.items()],
         "records": records,
     }
-    lines += ["## Raw numbers", "", "```json", json.dumps(raw, indent=1), "```", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    write_result_file(path, lines, raw)
 
 
 def parse_args(argv=None):

@@ -15,6 +15,7 @@ import asyncio
 import csv
 import datetime as dt
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -517,3 +518,19 @@ def report_head(title: str, machine: dict, log: list[str], elapsed: float) -> li
         *[f"- {line}" for line in log],
         "",
     ]
+
+
+def notes_section(runs) -> list[str]:
+    """The notes the runs collected (retries, low CPU share), one line per run that has any."""
+    noted = [r for r in runs if r.notes]
+    if not noted:
+        return []
+    return ["## Notes on runs", "", *[f"- {r.method}, {r.rows} rows, {r.context} ctx: {'; '.join(r.notes)}"
+                                      for r in noted], ""]
+
+
+def write_result_file(path: Path, lines: list[str], raw: dict) -> None:
+    """Append the raw numbers as JSON and write the result file."""
+    lines = lines + ["## Raw numbers", "", "```json", json.dumps(raw, indent=1), "```", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))

@@ -85,6 +85,12 @@ def summarize(tasks: dict, scores: dict, models: dict) -> dict:
     return table
 
 
+def paired(a: dict, b: dict, key: str, compare=stats.paired_diff) -> dict:
+    """`compare` of one per-sample measure of two methods over the prompts both ran."""
+    ids = [i for i in a if i in b]
+    return compare([a[i][key] for i in ids], [b[i][key] for i in ids])
+
+
 def diffs(summary: dict, ref: str = "greedy") -> dict:
     """Paired differences to `ref` on guided reward, held-out score and labeller."""
     out = {}
@@ -93,13 +99,11 @@ def diffs(summary: dict, ref: str = "greedy") -> dict:
             continue
         g = rows[ref]["samples"]
         for name, row in rows.items():
-            ids = [i for i in row["samples"] if i in g]
-            pick = lambda key, src: [src[i][key] for i in ids]  # noqa: E731
+            s = row["samples"]
             out[(task, name)] = {
-                "reward": stats.paired_diff(pick("reward", row["samples"]), pick("reward", g)),
-                "heldout": stats.paired_diff(pick("heldout", row["samples"]), pick("heldout", g)),
-                "p_rel": stats.ratio_ci(pick("p", row["samples"]), pick("p", g)),
-                "n_paired": len(ids),
+                "reward": paired(s, g, "reward"),
+                "heldout": paired(s, g, "heldout"),
+                "p_rel": paired(s, g, "p", stats.ratio_ci),
             }
     return out
 
@@ -173,23 +177,18 @@ def claims(summary: dict, dd: dict) -> list[str]:
             w = v["method"]["weight"]
             twin = next((a for a, av in args_rows.items() if av["method"]["weight"] == w), None)
             if twin:
-                ids = [i for i in v["samples"] if i in rows[twin]["samples"]]
-                dr = stats.paired_diff([v["samples"][i]["reward"] for i in ids],
-                                       [rows[twin]["samples"][i]["reward"] for i in ids])
-                dh = stats.paired_diff([v["samples"][i]["heldout"] for i in ids],
-                                       [rows[twin]["samples"][i]["heldout"] for i in ids])
-                out.append(f"{task}: Transfer Q* {k} vs ARGS {twin} (same weight, {len(ids)} prompts): guided "
+                dr = paired(v["samples"], rows[twin]["samples"], "reward")
+                dh = paired(v["samples"], rows[twin]["samples"], "heldout")
+                shared = sum(i in rows[twin]["samples"] for i in v["samples"])
+                out.append(f"{task}: Transfer Q* {k} vs ARGS {twin} (same weight, {shared} prompts): guided "
                            f"{ci(dr)}, held-out {ci(dh)} (paper: Transfer Q* above ARGS-like baselines)")
         vas = {k: v for k, v in rows.items() if v["family"] == "vas"}
         bons = {k: v for k, v in rows.items() if v["family"] == "bon"}
         if vas and bons:
             top = max(bons, key=lambda k: v_n(bons[k]))
             for k, v in vas.items():
-                ids = [i for i in v["samples"] if i in bons[top]["samples"]]
-                dr = stats.paired_diff([v["samples"][i]["reward"] for i in ids],
-                                       [bons[top]["samples"][i]["reward"] for i in ids])
-                dh = stats.paired_diff([v["samples"][i]["heldout"] for i in ids],
-                                       [bons[top]["samples"][i]["heldout"] for i in ids])
+                dr = paired(v["samples"], bons[top]["samples"], "reward")
+                dh = paired(v["samples"], bons[top]["samples"], "heldout")
                 out.append(f"{task}: VAS {k} vs {top}: guided {ci(dr)}, held-out {ci(dh)}; cost "
                            f"{v['s_per_sample']:.2f} vs {bons[top]['s_per_sample']:.2f} s/sample "
                            f"(paper: VAS close to best-of-128 at much lower cost)")
