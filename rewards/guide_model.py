@@ -8,6 +8,7 @@ was one of last step's candidates, whose keys/values were kept, so they are writ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -18,8 +19,26 @@ from alignd.rewards.kv_pool import KVPool, Slot
 
 Head = Literal["score", "lm"]
 
-# Tokens per uncached scoring forward: bounds the [rows, heads, T, T] attention scores in memory.
+# Tokens per forward that runs whole runs of tokens (prompt sync, uncached scoring): bounds the
+# activations of one forward however many rows arrive at once.
 SEQUENCE_TOKENS = 8192
+
+
+@dataclass(eq=False)
+class _Kept:
+    """Keys/values of the first token of every branch of one scoring call: per layer
+    [rows, branches, kv_heads, head_dim]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+@dataclass
+class _Entry:
+    kept: _Kept
+    row: int
+    ids: list[int]  # the branches' first tokens
+    length: int  # the slot's cached length they extend
 
 
 class GuideModel:
@@ -41,8 +60,7 @@ class GuideModel:
             self.device,
             max_len,
         )
-        self._stash: tuple[list[torch.Tensor], list[torch.Tensor], dict[int, tuple[int, list[int]]]]
-        self._stash = ([], [], {})
+        self._kept: dict[int, _Entry] = {}  # id(slot) -> its candidates' keys/values
 
     # -- per-request state -------------------------------------------------------------------
     # The pool's tensors are made under inference mode; so must every in-place change be.
@@ -52,7 +70,7 @@ class GuideModel:
 
     @torch.inference_mode()
     def close(self, slot: Slot) -> None:
-        self._stash[2].pop(id(slot), None)
+        self._kept.pop(id(slot), None)
         self.pool.close(slot)
 
     # -- the maths ----------------------------------------------------------------------------
@@ -70,37 +88,75 @@ class GuideModel:
     @torch.inference_mode()
     def sync(self, slots: list[Slot], seqs: list[list[int]]) -> None:
         """Bring each slot's cache up to its full sequence."""
-        stash_k, stash_v, stashed = self._stash
-        commits: list[tuple[Slot, int, int]] = []
-        runs: dict[bool, list[tuple[Slot, list[int]]]] = {True: [], False: []}
+        commits: list[tuple[Slot, _Entry, int]] = []
+        runs: list[tuple[Slot, list[int]]] = []
         for slot, seq in zip(slots, seqs):
             if len(seq) < slot.length:  # the engine re-ran this request: start over
                 slot.length = 0
             new = seq[slot.length :]
             if not new:
                 continue
-            hit = stashed.get(id(slot))
-            if len(new) == 1 and hit is not None and new[0] in hit[1]:
-                commits.append((slot, hit[0], hit[1].index(new[0])))
+            entry = self._kept.pop(id(slot), None)
+            if len(new) == 1 and entry is not None and entry.length == slot.length and new[0] in entry.ids:
+                commits.append((slot, entry, entry.ids.index(new[0])))
             else:
-                runs[len(new) == 1].append((slot, new))
+                runs.append((slot, new))
         self.pool.reserve(len(self.pool), max((len(q) for q in seqs), default=1))
         if commits:
-            rows = torch.tensor([c[1] for c in commits], device=self.device)
-            cols = torch.tensor([c[2] for c in commits], device=self.device)
-            self.pool.write(
-                torch.tensor([c[0].index for c in commits], device=self.device),
-                torch.tensor([c[0].length for c in commits], device=self.device),
-                [k[rows, cols] for k in stash_k],
-                [v[rows, cols] for v in stash_v],
-            )
-            for slot, _, _ in commits:
-                slot.length += 1
-                slot.last_output = None
-        for group in runs.values():
-            if group:
-                self._extend([s for s, _ in group], [n for _, n in group])
-        self._stash = ([], [], {})
+            self._commit(commits)
+        if runs:
+            self._extend_runs(runs)
+
+    def _commit(self, commits: list[tuple[Slot, _Entry, int]]) -> None:
+        keys: list[list[torch.Tensor]] = [[] for _ in range(self.pool.layers)]
+        values: list[list[torch.Tensor]] = [[] for _ in range(self.pool.layers)]
+        by_call: dict[int, list[tuple[Slot, _Entry, int]]] = {}
+        for c in commits:
+            by_call.setdefault(id(c[1].kept), []).append(c)
+        ordered = [c for group in by_call.values() for c in group]
+        for group in by_call.values():
+            kept = group[0][1].kept
+            rows = torch.tensor([e.row for _, e, _ in group], device=self.device)
+            cols = torch.tensor([col for _, _, col in group], device=self.device)
+            for layer in range(self.pool.layers):
+                keys[layer].append(kept.keys[layer][rows, cols])
+                values[layer].append(kept.values[layer][rows, cols])
+        self.pool.write(
+            torch.tensor([s.index for s, _, _ in ordered], device=self.device),
+            torch.tensor([s.length for s, _, _ in ordered], device=self.device),
+            [torch.cat(k) for k in keys],
+            [torch.cat(v) for v in values],
+        )
+        for slot, _, _ in ordered:
+            slot.length += 1
+            slot.last_output = None
+
+    def _extend_runs(self, runs: list[tuple[Slot, list[int]]]) -> None:
+        # Rows that start from nothing with the same tokens (the n samples of one prompt) are
+        # run once; the others copy the result.
+        twins: dict[tuple[int, ...], list[Slot]] = {}
+        distinct: list[tuple[Slot, list[int]]] = []
+        for slot, new in runs:
+            if slot.length == 0:
+                group = twins.setdefault(tuple(new), [])
+                if group:
+                    group.append(slot)
+                    continue
+                group.append(slot)
+            distinct.append((slot, new))
+        distinct.sort(key=lambda r: len(r[1]), reverse=True)
+        start = 0
+        while start < len(distinct):
+            per_row = len(distinct[start][1])
+            end = min(len(distinct), start + max(1, SEQUENCE_TOKENS // per_row))
+            batch = distinct[start:end]
+            self._extend([s for s, _ in batch], [n for _, n in batch])
+            start = end
+        for group in twins.values():
+            if len(group) > 1:
+                self.pool.copy(group[0], group[1:])
+                for slot in group[1:]:
+                    slot.length, slot.last_output = group[0].length, group[0].last_output
 
     def _extend(self, slots: list[Slot], new: list[list[int]]) -> None:
         order = sorted(range(len(slots)), key=lambda i: slots[i].index)
@@ -145,15 +201,12 @@ class GuideModel:
         inverse[order] = torch.arange(len(order), device=self.device)
         return [slots[i] for i in order.tolist()], order, inverse
 
-    def _stash_first(self, ordered: list[Slot], tokens: torch.Tensor, keys, values, columns) -> None:
+    def _keep_first(self, ordered: list[Slot], tokens: torch.Tensor, keys, values, columns) -> None:
         """Keep the keys/values of each branch's first token: next step's sync commits the chosen
         one into the cache instead of running a forward."""
-        ids = tokens.tolist()
-        self._stash = (
-            [t[:, :, columns].transpose(1, 2) for t in keys],
-            [t[:, :, columns].transpose(1, 2) for t in values],
-            {id(s): (i, ids[i]) for i, s in enumerate(ordered)},
-        )
+        kept = _Kept([t[:, :, columns].transpose(1, 2) for t in keys], [t[:, :, columns].transpose(1, 2) for t in values])
+        for i, (slot, ids) in enumerate(zip(ordered, tokens.tolist())):
+            self._kept[id(slot)] = _Entry(kept, i, ids, slot.length)
 
     @torch.inference_mode()
     def score_branches(
@@ -176,7 +229,7 @@ class GuideModel:
             self.model, self._tokens(tokens.reshape(n, k * span)), positions, prefix, mask
         )
         first = torch.arange(k, device=self.device) * span
-        self._stash_first(ordered, tokens[:, :, 0], keys, values, first)
+        self._keep_first(ordered, tokens[:, :, 0], keys, values, first)
         pooled = self._last_real(tokens, lengths)
         h = hidden.gather(1, (first[None] + pooled.clamp(min=0))[..., None].expand(n, k, hidden.shape[-1]))
         out = self._head(h)
@@ -213,25 +266,25 @@ class GuideModel:
         cur = cands.to(self.device)[order]
         n, k = cur.shape
         prefix = self.pool.prefix(ordered)
-        eye = torch.eye(k, dtype=torch.bool, device=self.device)
+        kvh, head_dim = self.pool.shape
+        def buffers() -> list[torch.Tensor]:
+            shape = (n, kvh, k, steps, head_dim)
+            return [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.pool.layers)]
+
+        past = llama.BranchKV(buffers(), buffers())
         alive = cur != eos if eos is not None else torch.ones_like(cur, dtype=torch.bool)
         lengths = torch.zeros_like(cur)
         out = torch.zeros((n, k, steps), dtype=torch.long, device=self.device)
-        past: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         for t in range(steps):
             if not alive.any():
                 break
             positions = prefix.lengths[:, None] + t
-            # Branch j sees the prefix, its own earlier tokens (step-major past) and itself.
-            mask = eye.repeat(1, t + 1)[None].expand(n, k, (t + 1) * k)
+            # Branch j sees the prefix, its own earlier tokens and itself.
+            mask = torch.ones((1, 1, 1, t + 1), dtype=torch.bool, device=self.device).expand(n, k, 1, t + 1)
             hidden, keys, values = llama.forward(self.model, self._tokens(cur), positions.expand(n, k), prefix,
                                                  mask, past)
             if t == 0:
-                self._stash_first(ordered, cur, keys, values, torch.arange(k, device=self.device))
-            past = (keys, values) if past is None else (
-                [torch.cat([a, b], dim=2) for a, b in zip(past[0], keys)],
-                [torch.cat([a, b], dim=2) for a, b in zip(past[1], values)],
-            )
+                self._keep_first(ordered, cur, keys, values, torch.arange(k, device=self.device))
             nxt = self._head(hidden).argmax(-1)
             out[:, :, t] = torch.where(alive, nxt, 0)
             lengths += alive.long()

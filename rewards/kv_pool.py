@@ -106,6 +106,12 @@ class KVPool:
             lengths,
         )
 
+    def copy(self, source: Slot, targets: list[Slot]) -> None:
+        """Give every target slot the source's cached prefix."""
+        idx = torch.tensor([t.index for t in targets], device=self.device)
+        for t in self.keys + self.values:
+            t[idx, :, : source.length] = t[source.index, :, : source.length]
+
     def write(
         self,
         slot_index: torch.Tensor,

@@ -1,9 +1,12 @@
 """The guide models' forward pass, as plain functions over a Hugging Face Llama-family model.
 
-A guide forward extends rows that already have a prefix in the KV pool by a few new tokens.
-The new tokens attend to their row's cached prefix and, among themselves, to whatever `new_mask`
-allows: a causal mask extends a row by a run of tokens, the identity mask scores k sibling
-candidates against one shared prefix in a single pass (the tree trick that makes ARGS cheap).
+A guide forward extends rows that already have a prefix in the KV pool by new tokens laid out
+as *branches*: every branch of a row attends to the row's cached prefix and to its own tokens
+only. One branch of a run of tokens extends a row (a causal mask); k branches of one token score
+k sibling candidates against one shared prefix (the tree trick that makes ARGS cheap); k branches
+of a run score k rollouts (Transfer Q*). Because a branch never sees another, attention over the
+new tokens costs k · span² per row, not (k · span)², and it is computed in blocks of bounded size
+whatever the batch, the number of branches or the length of a run.
 
 Only the attention is ours; norms, projections, rotary embeddings and MLPs are the model's own
 modules, so weights are never copied and the maths matches transformers.
@@ -20,6 +23,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 # Pre-norm decoders whose layers read `self_attn.{q,k,v,o}_proj`, `mlp`, `input_layernorm`,
 # `post_attention_layernorm`, with optional q/k norms (Qwen3) and projection biases (Qwen2).
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+# Attention scores (float32) one block may hold: 2**25 is 128 MiB, so with its exp and the
+# probabilities a block stays under about half a GiB of temporaries.
+BLOCK_SCORES = 1 << 25
 
 
 def unsupported_reason(config) -> str | None:
@@ -41,6 +48,40 @@ class PrefixKV:
     lengths: torch.Tensor  # [rows] valid prefix length of each row
 
 
+@dataclass
+class BranchKV:
+    """Per-layer keys/values of tokens beyond the prefix, per branch: [rows, kv_heads, branches,
+    capacity, head_dim], `length` of them filled. A forward given one writes its new tokens'
+    keys/values after `length` and attends over everything up to them (rollouts grow one token
+    a step without copying what came before)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+
+def _attend_block(q, k_prefix, v_prefix, beyond, k_new, v_new, new_mask) -> torch.Tensor:
+    """q [b, kvh, g, nb, w, d]; k/v_prefix [b, kvh, T, d]; beyond [b, T] (masked prefix
+    positions); k/v_new [b, kvh, nb, S, d]; new_mask [b, nb, w, S]. Returns [b, kvh, g, nb, w, d]."""
+    b, kvh, g, nb, w, d = q.shape
+    t = k_prefix.shape[2]
+    # Scores in float32 (bf16 softmax loses too much); the prefix and branch parts are normalized
+    # together without concatenating them, which saves a copy of the large prefix scores.
+    s_prefix = (q.reshape(b, kvh, g * nb * w, d) @ k_prefix.transpose(-1, -2)).float()
+    s_prefix = s_prefix.masked_fill_(beyond[:, None, None, :], float("-inf")).view(b, kvh, g, nb, w, t)
+    s_new = (q @ k_new[:, :, None].transpose(-1, -2)).float()
+    s_new.masked_fill_(~new_mask[:, None, None], float("-inf"))
+    # Every query sees itself among its branch's tokens, so the maximum is finite.
+    m = s_new.amax(-1, keepdim=True)
+    if t:
+        m = torch.maximum(m, s_prefix.amax(-1, keepdim=True))
+    p_prefix, p_new = (s_prefix - m).exp_(), (s_new - m).exp_()
+    z = p_prefix.sum(-1, keepdim=True) + p_new.sum(-1, keepdim=True)
+    out = (p_prefix.to(q.dtype).view(b, kvh, g * nb * w, t) @ v_prefix).float().view(b, kvh, g, nb, w, d)
+    out += (p_new.to(q.dtype) @ v_new[:, :, None]).float()
+    return (out / z).to(q.dtype)
+
+
 def attend(
     q: torch.Tensor,
     k_prefix: torch.Tensor,
@@ -50,38 +91,38 @@ def attend(
     v_new: torch.Tensor,
     new_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Attention of the new queries over [cached prefix ; new tokens], without concatenating caches.
+    """Attention of new queries over [cached prefix ; their branch's own tokens].
 
-    q: [B, H, Q, D]; k/v_prefix: [B, KVH, T, D]; k/v_new: [B, KVH, S, D]; new_mask: [B, Q, S] bool.
+    q: [B, H, Q, D] with Q = branches x width (branch j owns queries j*width ... (j+1)*width-1);
+    k/v_prefix: [B, KVH, T, D]; k/v_new: [B, KVH, branches, S, D]; new_mask: [B, branches, width, S].
     Grouped-query heads are folded into the query axis so the prefix is read once per KV head.
+    Rows, branches and queries are cut into blocks of at most BLOCK_SCORES scores.
     """
     b, h, nq, d = q.shape
-    kvh = k_prefix.shape[1]
+    kvh, t = k_prefix.shape[1], k_prefix.shape[2]
     g = h // kvh
-    q = q.reshape(b, kvh, g * nq, d) * d**-0.5
-    t = k_prefix.shape[2]
-    # Scores in float32 (bf16 softmax loses too much); the two parts are normalized together
-    # without concatenating them, which saves a copy of the large prefix scores.
-    s_prefix = (q @ k_prefix.transpose(-1, -2)).float()
+    nb, w, s = new_mask.shape[1:]
+    q = q.reshape(b, kvh, g, nb, w, d) * d**-0.5
     beyond = torch.arange(t, device=q.device)[None, :] >= prefix_lengths[:, None]
-    s_prefix.masked_fill_(beyond[:, None, None, :], float("-inf"))
-    s_new = (q @ k_new.transpose(-1, -2)).float()
-    mask = new_mask[:, None, None].expand(b, 1, g, nq, new_mask.shape[-1]).reshape(b, 1, g * nq, -1)
-    s_new.masked_fill_(~mask, float("-inf"))
-    # Every query sees itself among the new tokens, so the maximum is finite.
-    m = s_new.amax(-1, keepdim=True)
-    if t:
-        m = torch.maximum(m, s_prefix.amax(-1, keepdim=True))
-    p_prefix, p_new = (s_prefix - m).exp_(), (s_new - m).exp_()
-    z = p_prefix.sum(-1, keepdim=True) + p_new.sum(-1, keepdim=True)
-    out = (p_prefix.to(q.dtype) @ v_prefix).float() + (p_new.to(q.dtype) @ v_new).float()
-    out = (out / z).to(q.dtype)
+    per_query = kvh * g * (t + s)
+    wb = max(1, min(w, BLOCK_SCORES // per_query))
+    jb = max(1, min(nb, BLOCK_SCORES // (per_query * wb)))
+    rb = max(1, min(b, BLOCK_SCORES // (per_query * wb * jb)))
+    if (rb, jb, wb) == (b, nb, w):
+        out = _attend_block(q, k_prefix, v_prefix, beyond, k_new, v_new, new_mask)
+        return out.reshape(b, h, nq, d)
+    out = torch.empty_like(q)
+    for r in range(0, b, rb):
+        rows = slice(r, r + rb)
+        for j in range(0, nb, jb):
+            branches = slice(j, j + jb)
+            for i in range(0, w, wb):
+                queries = slice(i, i + wb)
+                out[rows, :, :, branches, queries] = _attend_block(
+                    q[rows, :, :, branches, queries], k_prefix[rows], v_prefix[rows], beyond[rows],
+                    k_new[rows, :, branches], v_new[rows, :, branches], new_mask[rows, branches, queries],
+                )
     return out.reshape(b, h, nq, d)
-
-
-def backbone(model: PreTrainedModel) -> torch.nn.Module:
-    """The decoder stack (`model.model`) of a *ForCausalLM / *ForSequenceClassification model."""
-    return model.model
 
 
 @torch.inference_mode()
@@ -91,17 +132,19 @@ def forward(
     positions: torch.Tensor,
     prefix: PrefixKV,
     new_mask: torch.Tensor,
-    past: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    past: BranchKV | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Run `tokens` [B, Q] at `positions` [B, Q] over `prefix`; return the final-norm hidden
-    states [B, Q, hidden] and the new tokens' keys and values per layer ([B, KVH, Q, D]).
+    """Run `tokens` [B, Q] at `positions` [B, Q] over `prefix`, the Q tokens being
+    new_mask.shape[1] branches of equal width; return the final-norm hidden states [B, Q, hidden]
+    and the new tokens' keys and values per layer ([B, KVH, Q, D]).
 
-    `past` holds keys/values [B, KVH, S, D] per layer of tokens beyond the prefix that earlier
-    calls produced (rollout branches); then `new_mask` is [B, Q, S + Q] over [past ; new]."""
-    m = backbone(model)
+    With `past`, each branch also sees its tokens from earlier calls, and the new ones are
+    written into it; `new_mask` [B, branches, width, past.length + width] covers [past ; new]."""
+    m = model.model
     h = m.embed_tokens(tokens)
     cos, sin = m.rotary_emb(h, positions)
     b, nq = tokens.shape
+    nb = new_mask.shape[1]
     new_keys, new_values = [], []
     for i, layer in enumerate(m.layers):
         attn = layer.self_attn
@@ -114,36 +157,33 @@ def forward(
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k_all, v_all = (k, v) if past is None else (
-            torch.cat([past[0][i], k], dim=2), torch.cat([past[1][i], v], dim=2)
-        )
-        o = attend(q, prefix.keys[i], prefix.values[i], prefix.lengths, k_all, v_all, new_mask)
+        kvh, d = k.shape[1], k.shape[3]
+        k_branch, v_branch = k.reshape(b, kvh, nb, -1, d), v.reshape(b, kvh, nb, -1, d)
+        if past is not None:
+            end = past.length + k_branch.shape[3]
+            past.keys[i][:, :, :, past.length : end] = k_branch
+            past.values[i][:, :, :, past.length : end] = v_branch
+            k_branch, v_branch = past.keys[i][:, :, :, :end], past.values[i][:, :, :, :end]
+        o = attend(q, prefix.keys[i], prefix.values[i], prefix.lengths, k_branch, v_branch, new_mask)
         h = h + attn.o_proj(o.transpose(1, 2).reshape(b, nq, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         new_keys.append(k)
         new_values.append(v)
+    if past is not None:
+        past.length += nq // nb
     return m.norm(h), new_keys, new_values
 
 
-def causal_mask(new_lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, Q, Q] mask for rows extended by runs of `new_lengths` tokens, padded to `width`.
-    Padding queries see only themselves, so no softmax row is empty."""
-    idx = torch.arange(width, device=new_lengths.device)
-    causal = idx[None, :, None] >= idx[None, None, :]
-    valid_key = idx[None, None, :] < new_lengths[:, None, None]
-    return (causal & valid_key) | torch.eye(width, dtype=torch.bool, device=idx.device)[None]
-
-
 def branch_mask(lengths: torch.Tensor, span: int) -> torch.Tensor:
-    """[B, k*span, k*span] mask for k independent branches per row, each a causal run of
-    `lengths[b, j]` tokens laid out in its own span of columns (j*span + t). With span 1 the k
-    branches are k sibling candidates. Padding sees only itself."""
-    b, k = lengths.shape
+    """[B, k, span, span] mask for k branches per row, each a causal run of `lengths[b, j]`
+    tokens padded to `span`. With span 1 the k branches are k sibling candidates. Padding sees
+    only itself, so no softmax row is empty."""
     t = torch.arange(span, device=lengths.device)
-    branch = torch.arange(k, device=lengths.device).repeat_interleave(span)
-    step = t.repeat(k)
-    same = branch[:, None] == branch[None, :]
-    causal = step[None, :] <= step[:, None]
-    valid_key = step[None, None, :] < lengths[:, branch][:, None, :]
-    eye = torch.eye(k * span, dtype=torch.bool, device=lengths.device)
-    return (same & causal)[None] & valid_key | eye[None]
+    causal = t[:, None] >= t[None, :]
+    valid_key = t[None, None, None, :] < lengths[:, :, None, None]
+    return (causal & valid_key) | torch.eye(span, dtype=torch.bool, device=t.device)
+
+
+def causal_mask(new_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, 1, W, W] mask for rows extended by one run of `new_lengths` tokens, padded to `width`."""
+    return branch_mask(new_lengths[:, None], width)

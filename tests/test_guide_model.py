@@ -168,3 +168,84 @@ def test_padding_is_pooled_like_transformers(rm):
                          for i, s in enumerate(seqs)])
     close(got, want)
     close(guide.score_sequences(seqs), torch.tensor([hf_reward(rm, s) for s in seqs]))
+
+
+def test_attention_in_small_blocks_is_exact(rm, lm, monkeypatch):
+    """With a tiny block size every forward is cut into many row, branch and query blocks; the
+    results must not change (the blocks are what bounds memory for heavy requests)."""
+    from alignd.rewards import llama
+
+    monkeypatch.setattr(llama, "BLOCK_SCORES", 64)
+    rng = random.Random(7)
+    vocab = rm.config.vocab_size
+    guide = GuideModel(rm, "score", max_len=256)
+    seqs = [random_seq(rng, n, vocab) for n in (9, 30, 4)]
+    slots = [guide.open() for _ in seqs]
+    k, span = 4, 3
+    tokens = torch.tensor([[[rng.randrange(7, vocab) for _ in range(span)] for _ in range(k)] for _ in seqs])
+    lengths = torch.tensor([[1, 3, 2, 3], [3, 3, 1, 2], [2, 1, 3, 3]])
+    got = guide.score_branches(slots, seqs, tokens, lengths)
+    want = torch.tensor([[hf_reward(rm, s + tokens[i, j, : lengths[i, j]].tolist()) for j in range(k)]
+                         for i, s in enumerate(seqs)])
+    close(got, want)
+    close(guide.score_sequences(seqs), torch.tensor([hf_reward(rm, s) for s in seqs]))
+    lm_guide = GuideModel(lm, "lm", max_len=256)
+    lm_slots = [lm_guide.open() for _ in seqs]
+    rolled, rolled_len = lm_guide.rollout(lm_slots, seqs, tokens[:, :, 0], 3, None)
+    for i, s in enumerate(seqs):
+        for j in range(k):
+            assert rolled[i, j].tolist() == hf_greedy(lm, s + [tokens[i, j, 0].item()], 3, -1)
+
+
+def count_forwards(monkeypatch) -> list[tuple[int, ...]]:
+    from alignd.rewards import llama
+
+    calls: list[tuple[int, ...]] = []
+    real = llama.forward
+
+    def counted(model, tokens, *args, **kw):
+        calls.append(tuple(tokens.shape))
+        return real(model, tokens, *args, **kw)
+
+    monkeypatch.setattr(llama, "forward", counted)
+    return calls
+
+
+def test_samples_of_one_prompt_share_one_prefill(rm, monkeypatch):
+    """n samples of one prompt open n slots with the same tokens: the prompt runs once and the
+    other slots copy its cache; every slot then scores exactly."""
+    rng = random.Random(8)
+    vocab = rm.config.vocab_size
+    guide = GuideModel(rm, "score", max_len=256)
+    prompt = random_seq(rng, 20, vocab)
+    other = random_seq(rng, 7, vocab)
+    seqs = [prompt, list(prompt), other, list(prompt)]
+    slots = [guide.open() for _ in seqs]
+    calls = count_forwards(monkeypatch)
+    guide.sync(slots, seqs)
+    assert calls == [(2, 20)]  # one forward: the prompt once and the other row, padded
+    cands = torch.tensor([[9, 10], [11, 12], [13, 14], [15, 16]])
+    got = guide.score_candidates(slots, seqs, cands)
+    want = torch.tensor([[hf_reward(rm, s + [c]) for c in row] for s, row in zip(seqs, cands.tolist())])
+    close(got, want)
+
+
+def test_candidates_kept_from_separate_calls_commit_without_forward(rm, monkeypatch):
+    """A step's rows scored in two calls (chunks, or a retry without a failed row) keep every
+    row's candidates: next step each chosen token is committed with no forward at all."""
+    rng = random.Random(9)
+    vocab = rm.config.vocab_size
+    guide = GuideModel(rm, "score", max_len=256)
+    seqs = [random_seq(rng, n, vocab) for n in (6, 13)]
+    slots = [guide.open() for _ in seqs]
+    cands = torch.tensor([[20, 21, 22], [23, 24, 25]])
+    guide.score_candidates(slots[:1], seqs[:1], cands[:1])
+    guide.score_candidates(slots[1:], seqs[1:], cands[1:])
+    seqs = [seqs[0] + [21], seqs[1] + [25]]
+    calls = count_forwards(monkeypatch)
+    guide.sync(slots, seqs)
+    assert calls == []
+    nxt = torch.tensor([[30, 31], [32, 33]])
+    got = guide.score_candidates(slots, seqs, nxt)
+    want = torch.tensor([[hf_reward(rm, s + [c]) for c in row] for s, row in zip(seqs, nxt.tolist())])
+    close(got, want)
