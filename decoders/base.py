@@ -7,7 +7,8 @@ replaces them before the engine's own temperature and sampling.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,26 @@ import torch
 
 from alignd.decoders.params import AlignmentParams
 from alignd.rewards.runtime import GuideRuntime, Key, Kind
-from alignd.rewards.scorers import extended
+from alignd.rewards.scorers import RowFailures, extended
+
+
+class GuideFailure(Exception):
+    """A guide call failed, and which of its rows caused it is not known."""
+
+    def __init__(self, guide: str, reason: str) -> None:
+        super().__init__(f"{guide}: {reason}")
+        self.guide, self.reason = guide, reason
+
+
+@contextmanager
+def guide_call(guide: str) -> Iterator[None]:
+    """Name the guide in whatever a call into it raises."""
+    try:
+        yield
+    except GuideFailure:
+        raise
+    except Exception as e:
+        raise GuideFailure(guide, f"{type(e).__name__}: {e}") from e
 
 
 @dataclass(eq=False)
@@ -27,6 +47,10 @@ class Row:
     prompt: list[int]
     output: list[int]  # the engine's live list: it grows as tokens are sampled
     guides: dict[Key, Any] = field(default_factory=dict)  # guide -> its per-request state
+    # (guide, reason) once a guide failed for this row: it is decoded unguided from then on.
+    failure: tuple[str, str] | None = None
+    # (guide, reason) when a guide could not score this row in the current step only.
+    skipped: tuple[str, str] | None = None
 
     def tokens(self) -> list[int]:
         return self.prompt + self.output
@@ -63,7 +87,8 @@ def weighted(
 ) -> torch.Tensor:
     """Σ_i w_i · g_i(seq + branch) over each row's k branches ([n, k]), with the row's weights
     for guides of `kind` ("reward": alignment.rewards, "value": alignment.values). One batched
-    call per guide model over all the rows that weight it."""
+    call per guide model over all the rows that weight it. A row its guide failed on is marked
+    (Row.failure, Row.skipped) and gets NaN."""
     total = torch.zeros(lengths.shape, dtype=torch.float32, device=lengths.device)
     weights_of = (lambda row: row.params.rewards) if kind == "reward" else (lambda row: row.params.values)
     for name in sorted({name for row in rows for name in weights_of(row)}):
@@ -75,11 +100,22 @@ def weighted(
                 continue
             idx = torch.tensor(group, device=lengths.device)
             group_seqs = [seqs[i] for i in group]
-            if cached:
-                states = [rows[i].state(guides, (kind, name)) for i in group]
-                r = scorer.branches(states, group_seqs, tokens[idx], lengths[idx])
-            else:
-                r = scorer.sequences(extended(group_seqs, tokens[idx], lengths[idx])).view(len(group), -1)
+            guide = f"{kind} {name!r}"
+            with guide_call(guide):
+                try:
+                    if cached:
+                        states = [rows[i].state(guides, (kind, name)) for i in group]
+                        r = scorer.branches(states, group_seqs, tokens[idx], lengths[idx])
+                    else:
+                        r = scorer.sequences(extended(group_seqs, tokens[idx], lengths[idx])).view(len(group), -1)
+                except RowFailures as e:
+                    r = e.scores
+                    for i, reason in e.reasons.items():
+                        row = rows[group[i]]
+                        if i in e.transient:
+                            row.skipped = row.skipped or (guide, reason)
+                        else:
+                            row.failure = row.failure or (guide, reason)
             w = torch.tensor([weights_of(rows[i])[name] for i in group], device=lengths.device)
             total[idx] += w[:, None] * r.to(total.device)
     return total

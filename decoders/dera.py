@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from alignd.decoders.base import Row
+from alignd.decoders.base import Row, guide_call
 from alignd.rewards.runtime import GuideRuntime
 
 
 def step(guides: GuideRuntime, rows: list[Row], seqs: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
-    reference = guides.lm("reference")
-    z_ref = reference.last_outputs([row.state(guides, ("reference", "")) for row in rows], seqs)
+    with guide_call("reference"):
+        reference = guides.lm("reference")
+        z_ref = reference.last_outputs([row.state(guides, ("reference", "")) for row in rows], seqs)
     lam = torch.tensor([row.params.lambda_ for row in rows], device=logits.device)[:, None]
     mixed = z_ref.to(logits.device) + lam * (logits - z_ref.to(logits.device))
     return torch.where(torch.isfinite(logits), mixed, logits)

@@ -18,10 +18,15 @@ OWN_SUPPORT: frozenset[str] = frozenset({"args", "transfer_q"})
 NEEDS_REWARDS: frozenset[str] = frozenset({"args", "best_of_n", "transfer_q"})
 
 
-def _finite(weights: dict[str, float], what: str) -> dict[str, float]:
-    bad = [name for name, w in weights.items() if not math.isfinite(w)]
+# Weights, betas and lambda stay within ±MAX_WEIGHT: with guide scores of any sane size the
+# float32 sums of a step stay finite (a row whose sums do not is failed, not sampled from NaN).
+MAX_WEIGHT = 1e6
+
+
+def _bounded(weights: dict[str, float], what: str) -> dict[str, float]:
+    bad = [name for name, w in weights.items() if not (math.isfinite(w) and abs(w) <= MAX_WEIGHT)]
     if bad:
-        raise ValueError(f"{what} must be finite numbers; not finite: {bad}")
+        raise ValueError(f"{what} must be finite numbers within ±{MAX_WEIGHT:g}; not: {bad}")
     return weights
 
 
@@ -49,19 +54,17 @@ class AlignmentParams(BaseModel):
     @field_validator("rewards")
     @classmethod
     def _rewards(cls, rewards: dict[str, float]) -> dict[str, float]:
-        return _finite(rewards, "reward weights")
+        return _bounded(rewards, "reward weights")
 
     @field_validator("values")
     @classmethod
     def _values(cls, values: dict[str, float]) -> dict[str, float]:
-        return _finite(values, "value betas")
+        return _bounded(values, "value betas")
 
     @field_validator("lambda_")
     @classmethod
     def _lambda(cls, lam: float) -> float:
-        if not math.isfinite(lam):
-            raise ValueError("lambda must be a finite number")
-        return lam
+        return _bounded({"lambda": lam}, "lambda")["lambda"]
 
     @model_validator(mode="after")
     def _needs(self) -> AlignmentParams:

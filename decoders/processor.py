@@ -1,7 +1,14 @@
 """The one vLLM logits processor (V1 interface) that runs every in-engine decoder.
 
-Each step it groups the batch rows by decoder and calls each decoder once with all its rows.
-Rows without `alignment` are never touched, so plain requests keep plain vLLM speed.
+Each step it groups the batch rows by decoder and calls each decoder with its rows, in chunks of
+at most CHUNK_TOKENS guide tokens so that a step's memory is bounded whatever the batch. Rows
+without `alignment` are never touched, so plain requests keep plain vLLM speed.
+
+A guide failure stays with the rows it touched. When a guide fails for a row (raises, returns a
+non-finite score, runs past its time limit) that row is decoded unguided from then on, with one
+note; a call that fails without saying which row caused it is re-run one row at a time, so the
+other rows stay guided. A row whose guide is only briefly unavailable (a text reward restarting)
+takes that step unguided.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from alignd.decoders import args, dera, transfer_q, vas
-from alignd.decoders.base import Row, Step
+from alignd.decoders.base import GuideFailure, Row, Step
+from alignd.decoders.cost import guide_tokens
 from alignd.decoders.params import from_extra_args
 from alignd.rewards.runtime import GuideRuntime
 from alignd.rewards.specs import GuideConfig
@@ -23,6 +31,9 @@ from alignd.rewards.specs import GuideConfig
 log = logging.getLogger("alignd.decoders")
 
 DECODERS: dict[str, Step] = {"args": args.step, "transfer_q": transfer_q.step, "vas": vas.step, "dera": dera.step}
+
+# Guide tokens per decoder call: bounds the activations of a step's guide forwards.
+CHUNK_TOKENS = 4096
 
 
 class AlignmentLogitsProcessor(LogitsProcessor):
@@ -37,6 +48,8 @@ class AlignmentLogitsProcessor(LogitsProcessor):
         raw = (vllm_config.additional_config or {}).get("alignd")
         config = GuideConfig.model_validate(raw) if raw else GuideConfig(model=mc.model)
         self.guides = GuideRuntime.get(config, device, mc.dtype, mc.max_model_len)
+        self.routes = {(kind, name): scorer.route for kind, group in self.guides.scorers.items()
+                       for name, scorer in group.items()}
         self.rows: dict[int, Row] = {}
 
     def is_argmax_invariant(self) -> bool:
@@ -74,16 +87,69 @@ class AlignmentLogitsProcessor(LogitsProcessor):
         started = time.perf_counter()
         groups: dict[str, list[int]] = defaultdict(list)
         for index, row in self.rows.items():
-            if index < logits.shape[0]:
+            if index < logits.shape[0] and row.failure is None:
                 groups[row.params.decoder].append(index)
+        spent = 0
         for decoder, indices in groups.items():
-            rows = [self.rows[i] for i in indices]
-            index = torch.tensor(indices, device=logits.device)
-            try:
-                logits[index] = DECODERS[decoder](self.guides, rows, [r.tokens() for r in rows], logits[index])
-            except Exception as e:  # never take the engine (and every other request) down
-                log.exception("alignd: %s step failed; these rows continue unguided", decoder)
-                for row in rows:
-                    self.guides.note(row.request_id, f"{decoder} step failed ({type(e).__name__}: {e})")
-        self.guides.record_step(started)
+            for chunk in self._chunks(indices):
+                spent += self._run(decoder, chunk, logits)
+        self.guides.record_step(started, spent)
         return logits
+
+    def _cost(self, row: Row) -> int:
+        context = len(row.prompt) + len(row.output)
+        # A row's first step also fills its guides' caches with its prompt.
+        return guide_tokens(row.params, self.routes, context) + (0 if row.guides else context)
+
+    def _chunks(self, indices: list[int]) -> list[list[int]]:
+        chunks: list[list[int]] = []
+        room = 0
+        for index in indices:
+            cost = self._cost(self.rows[index])
+            if not chunks or cost > room:
+                chunks.append([])
+                room = CHUNK_TOKENS
+            chunks[-1].append(index)
+            room -= cost
+        return chunks
+
+    def _run(self, decoder: str, indices: list[int], logits: torch.Tensor) -> int:
+        """Guide `indices` in place in `logits`; return the guide tokens spent."""
+        rows = [self.rows[i] for i in indices]
+        for row in rows:
+            row.skipped = None
+        index = torch.tensor(indices, device=logits.device)
+        try:
+            out = DECODERS[decoder](self.guides, rows, [r.tokens() for r in rows], logits[index])
+        except Exception as e:  # never take the engine (and every other request) down
+            if len(rows) > 1:  # find the row it belongs to; the others stay guided
+                return sum(self._run(decoder, [i], logits) for i in indices)
+            log.warning("alignd: %s step failed for one row", decoder, exc_info=True)
+            guide, reason = (e.guide, e.reason) if isinstance(e, GuideFailure) else (decoder, f"{type(e).__name__}: {e}")
+            self._fail(rows[0], guide, reason)
+            return 0
+        finite = torch.isfinite(out).any(-1) & ~torch.isnan(out).any(-1) & ~(out == float("inf")).any(-1)
+        keep = []
+        for j, (row, ok) in enumerate(zip(rows, finite.tolist())):
+            if row.failure is not None:
+                self._fail(row, *row.failure)
+            elif row.skipped is not None:
+                guide, reason = row.skipped
+                self.guides.failed(guide)
+                self.guides.note(row.request_id, f"{decoder}: {guide} was not available ({reason}); "
+                                                 "tokens decoded unguided meanwhile")
+            elif not ok:
+                self._fail(row, "the guided scores", "not finite: a weight too large for its guide's scores?")
+            else:
+                keep.append(j)
+        if keep:
+            chosen = torch.tensor(keep, device=logits.device)
+            logits[index[chosen]] = out[chosen]
+        return sum(self._cost(row) for row in rows)
+
+    def _fail(self, row: Row, guide: str, reason: str) -> None:
+        row.failure = (guide, reason)
+        row.release(self.guides)
+        self.guides.failed(guide)
+        self.guides.note(row.request_id, f"{row.params.decoder}: {guide} failed ({reason}); "
+                                         "this choice continued unguided")

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from alignd.decoders.base import Row, top_k, weighted
+from alignd.decoders.base import Row, guide_call, top_k, weighted
 from alignd.rewards.runtime import GuideRuntime
 
 
 def step(guides: GuideRuntime, rows: list[Row], seqs: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
     z, cands, own = top_k(rows, logits)
     steps = max(row.params.rollout_tokens for row in rows)
-    baseline = [row.state(guides, ("baseline", "")) for row in rows]
-    rollout, length = guides.lm("baseline").rollout(baseline, seqs, cands, steps, guides.eos)
+    with guide_call("baseline"):
+        baseline = [row.state(guides, ("baseline", "")) for row in rows]
+        rollout, length = guides.lm("baseline").rollout(baseline, seqs, cands, steps, guides.eos)
     own_steps = torch.tensor([row.params.rollout_tokens for row in rows], device=length.device)
     length = torch.minimum(length.to(logits.device), own_steps[:, None].to(logits.device))
     branches = torch.cat([cands[..., None], rollout.to(logits.device)], dim=-1)

@@ -10,6 +10,7 @@ Guides are addressed by (kind, name): ("reward", NAME) and ("value", NAME) are s
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Literal, Protocol
 
@@ -17,8 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alignd.rewards.guide_model import GuideModel
-from alignd.rewards.scorers import CachedReward, RecomputedReward, Reward, TextReward
-from alignd.rewards.specs import GuideConfig, GuideError, Route, classify, load_text_reward
+from alignd.rewards.scorers import CachedReward, RecomputedReward, Reward, RowFailures, TextReward
+from alignd.rewards.specs import GuideConfig, GuideError, Route, classify
+from alignd.rewards.text_process import TextRewardProcess
 
 log = logging.getLogger("alignd.guides")
 
@@ -51,7 +53,10 @@ class GuideRuntime:
             self.lms["baseline"] = self._load_lm("baseline", config.baseline)
         self.steps = 0
         self.step_seconds = 0.0
-        self.notes: dict[str, list[str]] = {}
+        self.max_step_seconds = 0.0
+        self.guide_tokens = 0
+        self.failures: dict[str, int] = {}  # guide -> rows it failed
+        self.notes: dict[str, dict[str, int]] = {}  # request -> note -> how often
 
     @classmethod
     def get(cls, config: GuideConfig, device: torch.device, dtype: torch.dtype, max_len: int) -> GuideRuntime:
@@ -69,7 +74,7 @@ class GuideRuntime:
     def _load_scorer(self, kind: str, name: str, spec: str) -> Reward:
         route = classify(spec, self.tokenizer, kind)
         if route is Route.text:
-            return TextReward(load_text_reward(spec), self.tokenizer, self.device)
+            return TextReward(TextRewardProcess(spec, self.config.text_reward_timeout), self.tokenizer, self.device)
         model = AutoModelForSequenceClassification.from_pretrained(spec, dtype=self.dtype).to(self.device)
         if route is Route.cached:
             log.info("%s %s: %s, KV-cached path", kind, name, spec)
@@ -115,33 +120,64 @@ class GuideRuntime:
         return self.tokenizer.eos_token_id
 
     # -- whole sequences (front end, via collective_rpc) ---------------------------------------
-    def score(self, seqs: list[list[int]], names: list[str]) -> list[dict[str, float]]:
-        """Rewards of whole sequences (best-of-n ranking, the rewards reported with a response)."""
-        out: list[dict[str, float]] = [{} for _ in seqs]
+    def score(self, seqs: list[list[int]], names: list[str]) -> tuple[list[dict[str, float]], list[dict[str, str]]]:
+        """Rewards of whole sequences (best-of-n ranking, the rewards reported with a response):
+        per sequence, the rewards it got and why each other one failed. A failure stays with
+        the sequence that caused it: a batch that raises is scored again one sequence at a time."""
+        rewards: list[dict[str, float]] = [{} for _ in seqs]
+        failed: list[dict[str, str]] = [{} for _ in seqs]
         for name in names:
-            for row, value in zip(out, self.scorer("reward", name).sequences(seqs).tolist()):
-                row[name] = value
-        return out
+            for got, why, value in zip(rewards, failed, self._each(self.scorer("reward", name), seqs)):
+                if isinstance(value, str):
+                    why[name] = value
+                    self.failed(f"reward:{name}")
+                else:
+                    got[name] = value
+        return rewards, failed
+
+    def _each(self, scorer: Reward, seqs: list[list[int]]) -> list[float | str]:
+        """Each sequence's score, or why it has none."""
+        try:
+            values = scorer.sequences(seqs).tolist()
+        except RowFailures as e:
+            return [e.reasons.get(i, v) for i, v in enumerate(e.scores.tolist())]
+        except Exception as e:  # noqa: BLE001 - reported with the response; the server goes on
+            if len(seqs) == 1:
+                log.exception("alignd: a reward failed on one sequence")
+                return [f"{type(e).__name__}: {e}"]
+            return [v for seq in seqs for v in self._each(scorer, [seq])]
+        return [v if math.isfinite(v) else "returned a non-finite score" for v in values]
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def note(self, request_id: str, message: str) -> None:
-        """Remember a problem of one request, for its response; bounded for requests never collected."""
-        if len(self.notes) >= MAX_NOTED_REQUESTS:
+        """Remember a problem of one request for its response, counted rather than repeated;
+        bounded for requests never collected."""
+        if request_id not in self.notes and len(self.notes) >= MAX_NOTED_REQUESTS:
             self.notes.pop(next(iter(self.notes)))
-        self.notes.setdefault(request_id, []).append(message)
+        counts = self.notes.setdefault(request_id, {})
+        counts[message] = counts.get(message, 0) + 1
 
     def take_notes(self, request_id: str) -> list[str]:
-        return self.notes.pop(request_id, [])
+        return [m if n == 1 else f"{m} (x{n})" for m, n in self.notes.pop(request_id, {}).items()]
 
-    def record_step(self, started: float) -> None:
+    def failed(self, guide: str, rows: int = 1) -> None:
+        self.failures[guide] = self.failures.get(guide, 0) + rows
+
+    def record_step(self, started: float, guide_tokens: int) -> None:
+        seconds = time.perf_counter() - started
         self.steps += 1
-        self.step_seconds += time.perf_counter() - started
+        self.step_seconds += seconds
+        self.max_step_seconds = max(self.max_step_seconds, seconds)
+        self.guide_tokens += guide_tokens
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict:
         scorers = [r for group in self.scorers.values() for r in group.values()]
         return {
             "guide_states": sum(r.active() for r in scorers)
             + sum(len(m.pool) for m in {id(m): m for m in self.lms.values()}.values()),
             "guided_steps": self.steps,
             "guided_step_seconds": self.step_seconds,
+            "max_guided_step_seconds": self.max_step_seconds,
+            "guide_tokens": self.guide_tokens,
+            "guide_failures": dict(self.failures),
         }

@@ -9,13 +9,13 @@ model (prompt + completion so far); rewards that read text see it decoded.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
 from alignd.rewards.guide_model import GuideModel
-from alignd.rewards.specs import GuideError, Route
+from alignd.rewards.specs import Route
+from alignd.rewards.text_process import TextRewardProcess
 
 
 class Reward(Protocol):
@@ -102,17 +102,66 @@ class RecomputedReward(StatelessReward):
         return torch.stack(out).float()
 
 
-class TextReward(StatelessReward):
-    """A Python function over decoded texts, `f(texts) -> scores` (classifiers, rules)."""
+class RowFailures(Exception):
+    """Some rows of a scorer call failed: `scores` holds every row's result (NaN where it
+    failed), `reasons` why each failed row did, and `transient` the rows that failed only
+    because the guide could not take calls at that moment (a text reward restarting)."""
+
+    def __init__(self, scores: torch.Tensor, reasons: dict[int, str], transient: set[int]) -> None:
+        super().__init__(f"{len(reasons)} rows failed")
+        self.scores, self.reasons, self.transient = scores, reasons, transient
+
+
+# float32 holds |x| < 3.4e38; a text reward's score must stay far from that so that weights up
+# to MAX_WEIGHT keep the combined scores finite.
+MAX_TEXT_SCORE = 1e12
+
+
+class TextReward:
+    """A Python function over decoded texts, `f(texts) -> scores` (classifiers, rules), run in a
+    child process with a time limit per row (text_process)."""
 
     route = Route.text
 
-    def __init__(self, fn: Callable[[list[str]], list[float]], base_tokenizer, device) -> None:
-        self.fn, self.base_tokenizer, self.device = fn, base_tokenizer, device
+    def __init__(self, process: TextRewardProcess, base_tokenizer, device) -> None:
+        self.process, self.base_tokenizer, self.device = process, base_tokenizer, device
+
+    def open(self):
+        return None
+
+    def close(self, state) -> None:
+        return None
+
+    def active(self) -> int:
+        return 0
+
+    def _rows(self, rows: list[list[list[int]]]) -> torch.Tensor:
+        """Scores [len(rows), k] of rows of k token sequences each; raises RowFailures."""
+        texts = [self.base_tokenizer.batch_decode(seqs, skip_special_tokens=True) for seqs in rows]
+        width = max(len(t) for t in texts)
+        scores = torch.full((len(rows), width), float("nan"))
+        reasons: dict[int, str] = {}
+        transient: set[int] = set()
+        for i, (row, result) in enumerate(zip(texts, self.process(texts))):
+            if isinstance(result, str):
+                reasons[i] = result
+                if result.startswith("not available"):
+                    transient.add(i)
+            elif len(result) != len(row):
+                reasons[i] = f"returned {len(result)} scores for {len(row)} texts"
+            elif not all(math.isfinite(x) and abs(x) <= MAX_TEXT_SCORE for x in result):
+                reasons[i] = f"returned a score that is not finite or beyond ±{MAX_TEXT_SCORE:g}"
+            else:
+                scores[i, : len(result)] = torch.tensor(result)
+        scores = scores.to(self.device)
+        if reasons:
+            raise RowFailures(scores, reasons, transient)
+        return scores
+
+    def branches(self, states, seqs, tokens, lengths):
+        k = lengths.shape[1]
+        flat = extended(seqs, tokens, lengths)
+        return self._rows([flat[i * k : (i + 1) * k] for i in range(len(seqs))])
 
     def sequences(self, seqs):
-        texts = self.base_tokenizer.batch_decode(seqs, skip_special_tokens=True)
-        scores = [float(x) for x in self.fn(texts)]
-        if len(scores) != len(texts) or not all(math.isfinite(x) for x in scores):
-            raise GuideError(f"text reward {self.fn.__name__} must return one finite float per text")
-        return torch.tensor(scores, dtype=torch.float32, device=self.device)
+        return self._rows([[s] for s in seqs])[:, 0]

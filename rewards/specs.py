@@ -37,6 +37,7 @@ class GuideConfig(BaseModel):
     values: dict[str, str] = Field(default_factory=dict)
     reference: str | None = None
     baseline: str | None = None
+    text_reward_timeout: float = 2.0  # seconds a py: reward may take for one row's texts
 
 
 def parse_named(item: str, flag: str) -> tuple[str, str]:

@@ -8,9 +8,12 @@ from alignd.rewards.runtime import GuideRuntime
 
 
 class GuideWorkerExtension:
-    def alignd_finish(self, seqs: list[list[int]], names: list[str], request_id: str) -> dict:
-        guides = GuideRuntime.current()
-        return {"rewards": guides.score(seqs, names), "notes": guides.take_notes(request_id)}
+    def alignd_score(self, seqs: list[list[int]], names: list[str]) -> dict:
+        rewards, failed = GuideRuntime.current().score(seqs, names)
+        return {"rewards": rewards, "failed": failed}
 
-    def alignd_stats(self) -> dict[str, float]:
+    def alignd_take_notes(self, request_id: str) -> list[str]:
+        return GuideRuntime.current().take_notes(request_id)
+
+    def alignd_stats(self) -> dict:
         return GuideRuntime.current().stats()

@@ -1,85 +1,98 @@
-"""The FastAPI application: OpenAI-compatible routes, errors, auth, limits, metrics."""
+"""The FastAPI application: OpenAI-compatible routes, auth, admission, streaming, liveness.
+
+Nothing slow runs on the event loop: request bodies are read with a byte limit as they arrive
+and parsed in a thread, prompts are tokenized in a thread, and calls into the engine worker have
+time limits. So one large or hostile request never makes `/health` or other streams wait.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from alignd.decoders.params import AlignmentParams
 from alignd.server import generate, metrics
+from alignd.server.admission import Admission, Cost
 from alignd.server.config import ServeSettings
 from alignd.server.engine import Engine
-from alignd.server.schemas import ChatRequest, CompletionRequest, SamplingFields, Usage, error_json
+from alignd.server.errors import HTTPError, error_json, install, validation_message
+from alignd.server.schemas import ChatRequest, CompletionRequest, SamplingFields, Usage
+
+log = logging.getLogger("alignd.server")
+
+Body = TypeVar("Body", bound=BaseModel)
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-
-def error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_json(status, message, param), status_code=status)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
-    where = ".".join(loc)
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return (f"{where}: {msg}" if where else msg), where or None
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
 
 
 def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
+    admission = Admission(settings)
+
+    def engine_died() -> None:
+        log.error("alignd: the engine died; failing every request in flight")
+        admission.close("the engine stopped; the server is restarting")
+        if settings.exit_on_engine_death and app.state.exit is not None:
+            app.state.exit(1)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if engine.llm is None:
             engine.start()
+        watcher = asyncio.create_task(engine.watch(engine_died))
         yield
+        watcher.cancel()
         engine.shutdown()
 
     app = FastAPI(title="alignd", version="0.1.0", lifespan=lifespan)
-    in_flight = {"n": 0}
+    app.state.exit = None  # set by whoever runs the server: exit(code) ends it
+    install(app, settings.max_request_bytes)
 
-    # -- errors -------------------------------------------------------------------------------
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error(400, message, param)
-
-    @app.exception_handler(HTTPError)
-    async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
-        return error(exc.status, exc.message, exc.param)
-
-    @app.middleware("http")
-    async def _limits(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > settings.max_request_bytes:
-            return error(413, f"request body over {settings.max_request_bytes} bytes")
-        return await call_next(request)
-
-    # -- dependencies -------------------------------------------------------------------------
+    # -- input --------------------------------------------------------------------------------
     async def authorized(request: Request) -> None:
         if settings.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # Bytes, not str: compare_digest refuses non-ASCII text (headers arrive as latin-1).
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode("latin-1", "replace"), settings.api_key.encode()
+        ):
             raise HTTPError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    async def parse(request: Request, model: type[Body]) -> Body:
+        body, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: chunked bodies too
+            size += len(chunk)
+            if size > settings.max_request_bytes:
+                raise HTTPError(413, f"request body over {settings.max_request_bytes} bytes")
+            body.append(chunk)
+        try:
+            return await asyncio.to_thread(model.model_validate_json, b"".join(body))
+        except ValidationError as e:
+            raise HTTPError(400, *validation_message(e.errors())) from None
+
+    def fits(text: str) -> None:
+        # Cheaper than tokenizing: a text longer than this cannot fit in the context at all.
+        most = 2 * engine.max_model_len * engine.max_token_chars
+        if len(text) > most:
+            raise HTTPError(400, f"the prompt has {len(text):,} characters, more than the model's context of "
+                                 f"{engine.max_model_len} tokens can hold", "prompt")
 
     def check_request(req: SamplingFields) -> None:
         if req.model != settings.model_name:
@@ -107,13 +120,14 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         if not engine.alive:
-            return error(503, "the engine is not running")
+            raise HTTPError(503, "the engine is not running")
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        if engine.alive:
-            metrics.observe_worker(await engine.stats())
+        stats = await engine.stats() if engine.alive else None
+        if stats is not None:
+            metrics.observe_worker(stats)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
@@ -134,71 +148,106 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
             }],
         }
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(req: CompletionRequest, request: Request) -> Response:
+    @app.post("/v1/completions", dependencies=[Depends(authorized)], openapi_extra=_body(CompletionRequest))
+    async def completions(request: Request) -> Response:
+        req = await parse(request, CompletionRequest)
         check_request(req)
         raw = req.prompt
         if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
             raw = [raw]
-        prompts = [engine.encode(p) for p in raw]
+
+        def encode() -> list[list[int]]:
+            for p in raw:
+                if isinstance(p, str):
+                    fits(p)
+            return [engine.encode(p) for p in raw]
+
+        prompts = await asyncio.to_thread(encode)
         return await serve("completions", request, req, prompts, req.max_tokens, completion_body)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat(req: ChatRequest, request: Request) -> Response:
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)], openapi_extra=_body(ChatRequest))
+    async def chat(request: Request) -> Response:
+        req = await parse(request, ChatRequest)
         check_request(req)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        fits("".join(m["content"] for m in messages))
         try:
-            prompt = engine.encode_chat(messages)
+            prompt = await asyncio.to_thread(engine.encode_chat, messages)
         except ValueError as e:
             raise HTTPError(400, str(e), "messages") from None
         return await serve("chat", request, req, [prompt], req.max_completion_tokens or req.max_tokens, chat_body)
 
     # -- shared serving path ------------------------------------------------------------------
-    async def serve(endpoint, request, req, prompts, max_tokens, body) -> Response:
+    async def serve(endpoint: str, request: Request, req: SamplingFields, prompts: list[list[int]],
+                    max_tokens: int | None, body: Callable) -> Response:
         decoder = req.alignment.decoder if req.alignment else "none"
-        if in_flight["n"] >= settings.max_concurrent_requests:
-            metrics.REQUESTS.labels(endpoint, decoder, "429").inc()
-            raise HTTPError(429, f"server busy: {in_flight['n']} requests in flight; retry later")
+        request.state.decoder = decoder
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
         try:
             plan = generate.Plan(f"{prefix}-{uuid.uuid4().hex}", prompts, req, max_tokens, engine)
+            cost = plan.cost(settings.max_guide_tokens_per_step)
         except generate.BadRequest as e:
             raise HTTPError(400, str(e), e.param) from None
+        admission.check(cost)
+        try:
+            await until_disconnected(request, admission.enter(cost))
+        except ClientGone:
+            return gone(request)
         render = Renderer(plan, settings.model_name, body)
         started = time.perf_counter()
+        metrics.IN_FLIGHT.inc()
 
-        def done(status: str) -> None:
-            in_flight["n"] -= 1
+        def finish(outcome: str) -> None:
+            admission.leave(cost)
             metrics.IN_FLIGHT.dec()
-            metrics.REQUESTS.labels(endpoint, decoder, status).inc()
             metrics.TOKENS.labels(decoder).inc(plan.usage["completion_tokens"])
             metrics.LATENCY.labels(decoder).observe(time.perf_counter() - started)
+            request.state.outcome = outcome
 
-        in_flight["n"] += 1
-        metrics.IN_FLIGHT.inc()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                sse(render.stream(include_usage), done), media_type="text/event-stream"
-            )
-        status = "200"
+            return StreamingResponse(sse(render.stream(include_usage), finish), media_type="text/event-stream")
+        outcome = "500"
         try:
             choices = await until_disconnected(request, generate.run(plan))
+            outcome = "200"
             return JSONResponse(render.whole(choices))
-        except asyncio.CancelledError:
-            status = "499"
-            raise
-        except EngineDeadError:
-            status = "503"
-            raise HTTPError(503, "the engine stopped; restart the server") from None
+        except ClientGone:
+            outcome = "499"
+            return gone(request)
+        except Exception as e:
+            status, message = failure(e)
+            outcome = str(status)
+            raise HTTPError(status, message, getattr(e, "param", None)) from None
         finally:
-            done(status)
+            finish(outcome)
 
+    app.openapi = lambda: _openapi(app, [CompletionRequest, ChatRequest])
     return app
 
 
+def gone(request: Request) -> Response:
+    request.state.outcome = "499"
+    return Response(status_code=499)
+
+
+def failure(e: Exception) -> tuple[int, str]:
+    """The status and message for an exception that ends a request after it was admitted."""
+    if isinstance(e, (generate.BadRequest, VLLMClientError)):
+        return 400, str(e)
+    if isinstance(e, EngineDeadError):
+        return 503, "the engine stopped; the server is restarting"
+    if isinstance(e, TimeoutError):
+        return 503, f"the engine did not answer in time ({e})"
+    if isinstance(e, HTTPError):
+        return e.status, e.message
+    log.error("alignd: request failed", exc_info=e)
+    return 500, f"internal error ({type(e).__name__}); the server goes on"
+
+
 async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Run `work`; if the client goes away first, cancel it (which aborts its engine requests)."""
+    """Run `work`; if the client goes away first, cancel it (which aborts its engine requests)
+    and raise ClientGone."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -212,27 +261,47 @@ async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise asyncio.CancelledError("client disconnected")
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientGone()
     return task.result()
 
 
-async def sse(events: AsyncIterator[dict], done: Callable[[str], None]) -> AsyncIterator[str]:
-    status = "200"
+async def sse(events: AsyncIterator[dict], finish: Callable[[str], None]) -> AsyncIterator[str]:
+    """Server-sent events; a stream that fails midway ends with an error event and [DONE]."""
+    outcome = "200"
     try:
         async for event in events:
-            yield f"data: {json.dumps(event)}\n\n"
-        yield "data: [DONE]\n\n"
+            yield f"data: {json.dumps(event, allow_nan=False)}\n\n"
     except (asyncio.CancelledError, GeneratorExit):
-        status = "499"
+        outcome = "499"
         raise
-    except EngineDeadError:
-        status = "503"
-        yield f"data: {json.dumps(error_json(503, 'the engine stopped; restart the server'))}\n\n"
+    except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+        status, message = failure(e)
+        outcome = str(status)
+        yield f"data: {json.dumps(error_json(status, message, getattr(e, 'param', None)))}\n\n"
     finally:
-        done(status)
+        finish(outcome)
+    yield "data: [DONE]\n\n"
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a body the route reads itself (to parse it off the event loop)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi(app: FastAPI, bodies: list[type[BaseModel]]) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in bodies:
+            own = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(own.pop("$defs", {}))
+            components[model.__name__] = own
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class Renderer:
@@ -278,7 +347,7 @@ def _extras(c, out: dict[str, Any], token_ids: bool) -> dict[str, Any]:
     if token_ids and isinstance(c, generate.Choice):
         out["token_ids"] = c.token_ids
     if c.alignment is not None:
-        out["alignment"] = c.alignment.model_dump(exclude_none=True)
+        out["alignment"] = c.alignment.model_dump(exclude_none=True) | {"total": c.alignment.total}
     return out
 
 

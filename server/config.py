@@ -27,8 +27,27 @@ class ServeSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16)
     served_model_name: str | None = None
     max_num_seqs: int = Field(64, ge=1, description="rows the engine batches at once")
-    max_concurrent_requests: int = Field(256, ge=1, description="beyond this, HTTP 429")
+    max_concurrent_requests: int = Field(256, ge=1, description="requests in flight; beyond this, HTTP 429")
+    max_concurrent_samples: int = Field(
+        512, ge=1, description="sequences in flight (a request counts prompts x n x alignment.n); beyond this, HTTP 429"
+    )
+    max_samples_per_request: int = Field(64, ge=1, description="prompts x n x alignment.n of one request; beyond this, HTTP 400")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="beyond this, HTTP 413")
+    max_guide_tokens_per_step: int = Field(
+        2048, ge=1, description="per sequence: guide tokens a decoder step may score "
+        "(top_k, or top_k x (1 + rollout_tokens) for transfer_q); beyond this, HTTP 400"
+    )
+    guide_step_budget: int = Field(
+        8192, ge=1, description="guide tokens of all guided sequences in one engine step; requests "
+        "wait for room (a request that alone exceeds it gets HTTP 400)"
+    )
+    queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait for guide budget; then HTTP 429")
+    text_reward_timeout: float = Field(
+        2.0, gt=0, description="seconds a py: text reward may take for one sequence's texts; then it counts as failed"
+    )
+    rpc_timeout: float = Field(120.0, gt=0, description="seconds a call into the engine worker may take; then HTTP 503")
+    shutdown_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for requests in flight")
+    exit_on_engine_death: bool = Field(True, description="exit non-zero when the engine dies, for a supervisor to restart")
     gpu_memory_utilization: float = Field(0.7, gt=0.0, le=1.0)
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)

@@ -1,11 +1,16 @@
 """The vLLM engine as the server sees it: start-up, prompts to token ids, generation, and the
-calls into the worker that reach the guide models (final rewards, statistics)."""
+calls into the worker that reach the guide models (final rewards, statistics).
+
+Every call into the worker has a time limit and fails at once when the engine dies (vLLM does
+not fail a pending `collective_rpc` when its engine core process goes away).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -13,25 +18,33 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from alignd.decoders.processor import AlignmentLogitsProcessor
-from alignd.rewards.specs import GuideConfig
+from alignd.rewards.specs import GuideConfig, Route
 from alignd.server.config import ServeSettings
 
 log = logging.getLogger("alignd.server")
 
 
 class Engine:
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(self, settings: ServeSettings, routes: dict[tuple[str, str], Route] | None = None) -> None:
         self.settings = settings
+        self.routes = routes or {}  # how each reward and value runs (start-up checks), for costs
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        # Token ids a prompt may hold (vLLM's own bound), and the most characters one token spans.
+        self.vocab_limit = len(self.tokenizer)
+        self.max_token_chars = max(len(t) for t in self.tokenizer.get_vocab())
         self.llm: AsyncLLM | None = None
         self.max_model_len = 0
+        self.dead = asyncio.Event()
+        self._stats: dict[str, Any] | None = None
 
     def engine_args(self) -> AsyncEngineArgs:
         s = self.settings
         guides = GuideConfig(
-            model=s.model, rewards=s.rewards, values=s.values, reference=s.reference, baseline=s.baseline
+            model=s.model, rewards=s.rewards, values=s.values, reference=s.reference, baseline=s.baseline,
+            text_reward_timeout=s.text_reward_timeout,
         )
         return AsyncEngineArgs(
             model=s.model,
@@ -55,6 +68,7 @@ class Engine:
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         self.llm = AsyncLLM.from_engine_args(self.engine_args())
         self.max_model_len = self.llm.model_config.max_model_len
+        self.vocab_limit = max(self.vocab_limit, self.llm.model_config.get_vocab_size())
 
     def shutdown(self) -> None:
         if self.llm is not None:
@@ -78,14 +92,60 @@ class Engine:
         assert self.llm is not None, "engine not started"
         return self.llm.generate({"prompt_token_ids": prompt}, params, request_id)
 
-    async def finish(self, seqs: list[list[int]], names: list[str], request_id: str) -> dict[str, Any]:
-        """Rewards of finished sequences from the worker's guide models, and the request's notes."""
-        assert self.llm is not None, "engine not started"
-        return (await self.llm.collective_rpc("alignd_finish", args=(seqs, names, request_id)))[0]
+    async def watch(self, on_death: Callable[[], None], every: float = 0.1) -> None:
+        """Notice the engine's death within `every` seconds: wake every waiting call, then tell
+        the server."""
+        while self.alive:
+            await asyncio.sleep(every)
+        if self.llm is not None:  # not a shutdown: the engine died under us
+            self.dead.set()
+            on_death()
 
-    async def stats(self) -> dict[str, float]:
-        assert self.llm is not None, "engine not started"
-        return (await self.llm.collective_rpc("alignd_stats"))[0]
+    async def rpc(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """Call `method` of the worker extension; EngineDeadError or TimeoutError, never a hang."""
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        call = asyncio.ensure_future(self.llm.collective_rpc(method, args=args))
+        dead = asyncio.ensure_future(self.dead.wait())
+        try:
+            done, _ = await asyncio.wait({call, dead}, timeout=timeout or self.settings.rpc_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dead.cancel()
+            if not call.done():
+                call.cancel()
+        if call in done:
+            return call.result()[0]
+        if dead in done:
+            raise EngineDeadError("the engine stopped")
+        raise TimeoutError(f"the engine worker did not answer {method} in {timeout or self.settings.rpc_timeout:g} s")
+
+    async def finish(self, seqs: list[list[int]], names: list[str], request_id: str) -> dict[str, Any]:
+        """Rewards of finished sequences from the worker's guide models ({"rewards", "failed"},
+        one entry per sequence) and the request's notes. Sequences go in calls of about a step's
+        guide budget in tokens, so no call holds the engine longer than a guided step may."""
+        budget = self.settings.guide_step_budget
+        rewards: list[dict[str, float]] = []
+        failed: list[dict[str, str]] = []
+        start = 0
+        while start < len(seqs):
+            end, size = start, 0
+            while end < len(seqs) and (end == start or size + len(seqs[end]) <= budget):
+                size += len(seqs[end])
+                end += 1
+            part = await self.rpc("alignd_score", seqs[start:end], names)
+            rewards += part["rewards"]
+            failed += part["failed"]
+            start = end
+        return {"rewards": rewards, "failed": failed, "notes": await self.rpc("alignd_take_notes", request_id)}
+
+    async def stats(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        """The worker's guide statistics, or the last ones read if it does not answer quickly."""
+        try:
+            self._stats = await self.rpc("alignd_stats", timeout=timeout)
+        except (EngineDeadError, TimeoutError):
+            pass
+        return self._stats
 
     @property
     def alive(self) -> bool:

@@ -13,9 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind
 
+from alignd.decoders.cost import candidate_formula, candidate_tokens, guide_tokens
 from alignd.decoders.params import IN_ENGINE, OWN_SUPPORT, AlignmentParams
+from alignd.server.admission import Cost
 from alignd.server.engine import Engine
 from alignd.server.schemas import Candidate, ChoiceAlignment, SamplingFields
 
@@ -49,7 +52,8 @@ class Delta:
 
 @dataclass
 class Plan:
-    """What one HTTP request asks of the engine."""
+    """What one HTTP request asks of the engine, checked against everything the engine would
+    refuse, so that a bad request is a 400 before anything runs (and before a stream starts)."""
 
     request_id: str
     prompts: list[list[int]]
@@ -72,24 +76,44 @@ class Plan:
                     f"the model's context is {limit}; ask for at most {room}",
                     "max_tokens",
                 )
+            bad = next((t for t in p if not 0 <= t < self.engine.vocab_limit), None)
+            if bad is not None:
+                raise BadRequest(f"prompt {i}: token id {bad} is not in the vocabulary "
+                                 f"(0 to {self.engine.vocab_limit - 1})", "prompt")
+        al = self.alignment
+        if al is not None and al.decoder == "best_of_n" and self.req.temperature == 0 and self.req.n * al.n > 1:
+            raise BadRequest("best_of_n ranks different samples, and at temperature 0 every sample is the same: "
+                             "use a temperature > 0 (or alignment.n = 1)", "temperature")
         self.usage["prompt_tokens"] = sum(len(p) for p in self.prompts)
+        kind = RequestOutputKind.DELTA if self.req.stream and not self.ranked else RequestOutputKind.FINAL_ONLY
+        try:
+            self.sampling = [self._params(p, kind) for p in self.prompts]
+        except VLLMValidationError as e:
+            raise BadRequest(str(e).split(" (parameter=")[0], e.parameter) from None
 
     @property
     def alignment(self) -> AlignmentParams | None:
         return self.req.alignment
 
-    def params(self, prompt: list[int], kind: RequestOutputKind) -> SamplingParams:
+    @property
+    def ranked(self) -> bool:
+        return self.alignment is not None and self.alignment.decoder == "best_of_n"
+
+    def _max_tokens(self, prompt: list[int]) -> int:
+        return self.max_tokens or self.engine.max_model_len - len(prompt)
+
+    def _params(self, prompt: list[int], kind: RequestOutputKind) -> SamplingParams:
         req, al = self.req, self.alignment
         n, extra, top_p = req.n, None, req.top_p
         if al is not None and al.decoder in IN_ENGINE:
             extra = {"alignd": al.engine_args(), "alignd_request": self.request_id}
             if al.decoder in OWN_SUPPORT:
                 top_p = 1.0  # the decoder's candidates are the support; top-p would cut them
-        elif al is not None and al.decoder == "best_of_n":
+        elif self.ranked:
             n = req.n * al.n
         return SamplingParams(
             n=n,
-            max_tokens=self.max_tokens or self.engine.max_model_len - len(prompt),
+            max_tokens=self._max_tokens(prompt),
             temperature=req.temperature,
             top_p=top_p,
             seed=req.seed,
@@ -102,22 +126,53 @@ class Plan:
             extra_args=extra,
         )
 
-    def total(self, rewards: dict[str, float]) -> float:
-        assert self.alignment is not None
-        return sum(w * rewards[name] for name, w in self.alignment.rewards.items())
+    def cost(self, max_candidate_tokens: int) -> Cost:
+        """Sequences and guide tokens per step; a 400 if one sequence's guided step exceeds
+        `max_candidate_tokens`."""
+        al = self.alignment
+        samples = sum(p.n for p in self.sampling)
+        if al is None or al.decoder not in IN_ENGINE:
+            return Cost(samples, 0)
+        per_row = candidate_tokens(al)
+        if per_row > max_candidate_tokens:
+            raise BadRequest(
+                f"{al.decoder}: {candidate_formula(al)} = {per_row:,} candidate tokens per step exceeds this "
+                f"server's limit of {max_candidate_tokens:,} (--max-guide-tokens-per-step)", "alignment"
+            )
+        routes = self.engine.routes
+        tokens = sum(p.n * guide_tokens(al, routes, len(prompt) + self._max_tokens(prompt))
+                     for p, prompt in zip(self.sampling, self.prompts))
+        return Cost(samples, tokens)
 
-    async def rewards_of(self, seqs: list[list[int]]) -> tuple[list[dict[str, float]], list[str]]:
+    def total(self, rewards: dict[str, float]) -> float | None:
+        """The weighted reward of a text, or None when one of its rewards failed."""
+        assert self.alignment is not None
+        weights = self.alignment.rewards
+        if any(name not in rewards for name in weights):
+            return None
+        return sum(w * rewards[name] for name, w in weights.items())
+
+    async def rewards_of(self, seqs: list[list[int]]) -> tuple[list[dict[str, float]], list[list[str]], list[str]]:
+        """Each sequence's rewards, its own notes (rewards that failed on it), the request's notes."""
         assert self.alignment is not None
         done = await self.engine.finish(seqs, list(self.alignment.rewards), self.request_id)
-        return done["rewards"], done["notes"]
+        own = [[f"reward {name!r} failed on this text ({why}); it has no total" for name, why in failed.items()]
+               for failed in done["failed"]]
+        return done["rewards"], own, done["notes"]
 
     def sub_id(self, i: int) -> str:
         return f"{self.request_id}-{i}"
 
 
+def _alignment(plan: Plan, rewards: dict[str, float], notes: list[str], **extra) -> ChoiceAlignment:
+    assert plan.alignment is not None
+    return ChoiceAlignment(decoder=plan.alignment.decoder, rewards=rewards, total=plan.total(rewards),
+                           notes=notes or None, **extra)
+
+
 async def _final_outputs(plan: Plan, i: int, prompt: list[int]):
     outputs = None
-    async for out in plan.engine.generate(prompt, plan.params(prompt, RequestOutputKind.FINAL_ONLY), plan.sub_id(i)):
+    async for out in plan.engine.generate(prompt, plan.sampling[i], plan.sub_id(i)):
         outputs = out.outputs
     assert outputs is not None
     return sorted(outputs, key=lambda o: o.index)
@@ -128,17 +183,21 @@ async def _best_of_n(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
     assert al is not None
     samples = await _final_outputs(plan, i, prompt)
     plan.usage["completion_tokens"] += sum(len(s.token_ids) for s in samples)
-    rewards, notes = await plan.rewards_of([prompt + list(s.token_ids) for s in samples])
+    rewards, own, notes = await plan.rewards_of([prompt + list(s.token_ids) for s in samples])
+    totals = [plan.total(r) for r in rewards]
     choices = []
     for j in range(plan.req.n):
         group = range(j * al.n, (j + 1) * al.n)
-        best = max(group, key=lambda g: plan.total(rewards[g]))
+        ranked = [g for g in group if totals[g] is not None]
+        # A sample whose reward failed cannot be ranked; if none can, the first sample stands.
+        best = max(ranked, key=lambda g: totals[g]) if ranked else group[0]
+        why = [] if ranked else ["no sample of this choice has a total, so it is the first sample, unranked"]
         ids = plan.req.return_token_ids
         cands = [
             Candidate(
                 text=samples[g].text,
                 rewards=rewards[g],
-                total=plan.total(rewards[g]),
+                total=totals[g],
                 token_ids=list(samples[g].token_ids) if ids else None,
             )
             for g in group
@@ -150,13 +209,8 @@ async def _best_of_n(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
                 s.text,
                 list(s.token_ids),
                 s.finish_reason,
-                ChoiceAlignment(
-                    decoder=al.decoder,
-                    rewards=rewards[best],
-                    total=plan.total(rewards[best]),
-                    candidates=cands if al.return_candidates else None,
-                    notes=notes or None,
-                ),
+                _alignment(plan, rewards[best], own[best] + why + notes,
+                           candidates=cands if al.return_candidates else None),
             )
         )
     return choices
@@ -169,17 +223,14 @@ async def _guided_or_plain(plan: Plan, i: int, prompt: list[int]) -> list[Choice
         Choice(i * plan.req.n + o.index, o.text, list(o.token_ids), o.finish_reason) for o in outputs
     ]
     if plan.alignment is not None:
-        rewards, notes = await plan.rewards_of([prompt + c.token_ids for c in choices])
-        for c, r in zip(choices, rewards):
-            c.alignment = ChoiceAlignment(
-                decoder=plan.alignment.decoder, rewards=r, total=plan.total(r), notes=notes or None
-            )
+        rewards, own, notes = await plan.rewards_of([prompt + c.token_ids for c in choices])
+        for c, r, mine in zip(choices, rewards, own):
+            c.alignment = _alignment(plan, r, mine + notes)
     return choices
 
 
 def _runner(plan: Plan):
-    al = plan.alignment
-    return _best_of_n if al is not None and al.decoder == "best_of_n" else _guided_or_plain
+    return _best_of_n if plan.ranked else _guided_or_plain
 
 
 async def run(plan: Plan) -> list[Choice]:
@@ -188,16 +239,14 @@ async def run(plan: Plan) -> list[Choice]:
 
 
 async def _stream_prompt(plan: Plan, i: int, prompt: list[int]) -> AsyncIterator[Delta]:
-    al = plan.alignment
-    if al is not None and al.decoder == "best_of_n":
+    if plan.ranked:
         # The winner is known only when every sample has finished: it comes as one piece.
         for c in await _best_of_n(plan, i, prompt):
             yield Delta(c.index, c.text)
             yield Delta(c.index, "", c.finish_reason, c.alignment)
         return
     tokens: dict[int, list[int]] = {}
-    params = plan.params(prompt, RequestOutputKind.DELTA)
-    async for out in plan.engine.generate(prompt, params, plan.sub_id(i)):
+    async for out in plan.engine.generate(prompt, plan.sampling[i], plan.sub_id(i)):
         for o in out.outputs:
             tokens.setdefault(o.index, []).extend(o.token_ids)
             plan.usage["completion_tokens"] += len(o.token_ids)
@@ -207,11 +256,9 @@ async def _stream_prompt(plan: Plan, i: int, prompt: list[int]) -> AsyncIterator
                     yield Delta(index, o.text)
                 continue
             alignment = None
-            if al is not None:
-                rewards, notes = await plan.rewards_of([prompt + tokens[o.index]])
-                alignment = ChoiceAlignment(
-                    decoder=al.decoder, rewards=rewards[0], total=plan.total(rewards[0]), notes=notes or None
-                )
+            if plan.alignment is not None:
+                rewards, own, notes = await plan.rewards_of([prompt + tokens[o.index]])
+                alignment = _alignment(plan, rewards[0], own[0] + notes)
             yield Delta(index, o.text, o.finish_reason, alignment)
 
 

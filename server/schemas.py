@@ -5,7 +5,7 @@ Unknown OpenAI fields are ignored (clients send many); every field we read is va
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -16,15 +16,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+INT64 = 2**63
+
+
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=64)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -39,8 +42,8 @@ class SamplingFields(BaseModel):
     @classmethod
     def _stop(cls, stop: str | list[str] | None) -> list[str]:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if len(stops) > 4 or any(not s or len(s) > 1024 for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings of at most 1024 characters")
         return stops
 
 
@@ -81,14 +84,14 @@ class ChatRequest(SamplingFields):
 class Candidate(BaseModel):
     text: str
     rewards: dict[str, float]
-    total: float
+    total: float | None
     token_ids: list[int] | None = None
 
 
 class ChoiceAlignment(BaseModel):
     decoder: str
-    rewards: dict[str, float]
-    total: float
+    rewards: dict[str, float]  # the rewards of the returned text that could be computed
+    total: float | None  # None when one of them failed (see notes)
     candidates: list[Candidate] | None = None
     notes: list[str] | None = None
 
@@ -104,16 +107,3 @@ class ErrorBody(BaseModel):
     type: str
     param: str | None = None
     code: str | int | None = None
-
-
-def error_json(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    kind = {
-        400: "invalid_request_error",
-        401: "authentication_error",
-        404: "not_found_error",
-        413: "invalid_request_error",
-        422: "invalid_request_error",
-        429: "rate_limit_error",
-        503: "service_unavailable",
-    }.get(status, "server_error")
-    return {"error": ErrorBody(message=message, type=kind, param=param, code=code or status).model_dump()}

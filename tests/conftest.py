@@ -108,6 +108,8 @@ def server(tiny, tmp_path_factory):
         "max_concurrent_requests": 16,
         "max_request_bytes": 65536,
         "allow_reward_recompute": True,
+        # Decoder tests run slow recomputing rewards side by side: far above the default budget.
+        "guide_step_budget": 1_000_000,
         "rewards": {
             "a": str(tiny["rm_a"]),
             "b": str(tiny["rm_b"]),
