@@ -29,8 +29,8 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, url: str, model: str, config: dict, log: Path) -> None:
-        self.url, self.model, self.config, self.log = url, model, config, log
+    def __init__(self, url: str, model: str, config: dict, log: Path, proc) -> None:
+        self.url, self.model, self.config, self.log, self.proc = url, model, config, log, proc
 
     def client(self, **kw):
         import openai
@@ -86,11 +86,13 @@ def start_server(config: dict, work: Path):
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        yield Server(url, config.get("served_model_name", config["model"]), config, log)
+        yield Server(url, config.get("served_model_name", config["model"]), config, log, proc)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+        except ProcessLookupError:  # a fault test ended it already
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
 
@@ -129,3 +131,22 @@ def bare_server(tiny, tmp_path_factory):
     config = {"model": str(tiny["base"]), "served_model_name": "tiny", "dtype": "float32",
               "max_model_len": 256, "rewards": {"a": str(tiny["rm_a"])}}
     yield from start_server(config, tmp_path_factory.mktemp("bare"))
+
+
+def hostile_config(tiny) -> dict:
+    """Default limits, and a text reward that misbehaves on purpose (tests.rules.moody)."""
+    return {
+        "model": str(tiny["base"]), "served_model_name": "tiny", "dtype": "float32", "max_model_len": 512,
+        "max_num_seqs": 32, "max_concurrent_requests": 16, "max_request_bytes": 65536,
+        "text_reward_timeout": 1.0,
+        "rewards": {"a": str(tiny["rm_a"]), "b": str(tiny["rm_b"]), "moody": "py:tests.rules:moody"},
+        "values": {"va": str(tiny["rm_a"])},
+        "reference": str(tiny["base2"]),
+        "baseline": str(tiny["base2"]),
+    }
+
+
+@pytest.fixture(scope="session")
+def hostile_server(tiny, tmp_path_factory):
+    """A server at default limits with a misbehaving text reward: for hostile input and isolation."""
+    yield from start_server(hostile_config(tiny), tmp_path_factory.mktemp("hostile"))
