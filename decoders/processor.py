@@ -1,8 +1,8 @@
 """The one vLLM logits processor (V1 interface) that runs every in-engine decoder.
 
-Each step it groups the batch rows by decoder and calls each decoder with its rows, in chunks of
-at most CHUNK_TOKENS guide tokens so that a step's memory is bounded whatever the batch. Rows
-without `alignment` are never touched, so plain requests keep plain vLLM speed.
+Each step it groups the batch rows by decoder and calls each decoder once with all its rows (the
+guide models cut their forwards into blocks of bounded size). Rows without `alignment` are never
+touched, so plain requests keep plain vLLM speed.
 
 A guide failure stays with the rows it touched. When a guide fails for a row (raises, returns a
 non-finite score, runs past its time limit) that row is decoded unguided from then on, with one
@@ -31,9 +31,6 @@ from alignd.rewards.specs import GuideConfig
 log = logging.getLogger("alignd.decoders")
 
 DECODERS: dict[str, Step] = {"args": args.step, "transfer_q": transfer_q.step, "vas": vas.step, "dera": dera.step}
-
-# Guide tokens per decoder call: bounds the activations of a step's guide forwards.
-CHUNK_TOKENS = 4096
 
 
 class AlignmentLogitsProcessor(LogitsProcessor):
@@ -89,10 +86,7 @@ class AlignmentLogitsProcessor(LogitsProcessor):
         for index, row in self.rows.items():
             if index < logits.shape[0] and row.failure is None:
                 groups[row.params.decoder].append(index)
-        spent = 0
-        for decoder, indices in groups.items():
-            for chunk in self._chunks(indices):
-                spent += self._run(decoder, chunk, logits)
+        spent = sum(self._run(decoder, indices, logits) for decoder, indices in groups.items())
         self.guides.record_step(started, spent)
         return logits
 
@@ -100,18 +94,6 @@ class AlignmentLogitsProcessor(LogitsProcessor):
         context = len(row.prompt) + len(row.output)
         # A row's first step also fills its guides' caches with its prompt.
         return guide_tokens(row.params, self.routes, context) + (0 if row.guides else context)
-
-    def _chunks(self, indices: list[int]) -> list[list[int]]:
-        chunks: list[list[int]] = []
-        room = 0
-        for index in indices:
-            cost = self._cost(self.rows[index])
-            if not chunks or cost > room:
-                chunks.append([])
-                room = CHUNK_TOKENS
-            chunks[-1].append(index)
-            room -= cost
-        return chunks
 
     def _run(self, decoder: str, indices: list[int], logits: torch.Tensor) -> int:
         """Guide `indices` in place in `logits`; return the guide tokens spent."""

@@ -19,9 +19,14 @@ from alignd.rewards.kv_pool import KVPool, Slot
 
 Head = Literal["score", "lm"]
 
-# Tokens per forward that runs whole runs of tokens (prompt sync, uncached scoring): bounds the
-# activations of one forward however many rows arrive at once.
+# Tokens per forward: whole runs (prompt sync, uncached scoring) and branches (candidates,
+# rollouts to score) are cut into forwards of about this many tokens, so that activations stay
+# bounded however many rows a step brings (a single row's branches are one forward: the server
+# bounds them per request with max_guide_tokens_per_step).
 SEQUENCE_TOKENS = 8192
+BRANCH_TOKENS = 4096
+# Bytes of rollout keys/values (every branch's tokens beyond the prefix) one batched rollout holds.
+ROLLOUT_BYTES = 512 * 2**20
 
 
 @dataclass(eq=False)
@@ -215,13 +220,23 @@ class GuideModel:
         """Head outputs [n, k] at the end of seq + branch for k branches per row.
 
         tokens [n, k, span] holds each branch's tokens (the first is a candidate next token),
-        lengths [n, k] how many are real. All branches of all rows run in one forward against
-        the shared cached prefixes, each branch seeing only the prefix and its own tokens."""
+        lengths [n, k] how many are real. The branches of a group of rows run in one forward
+        against the shared cached prefixes, each branch seeing only the prefix and its own tokens."""
         self.sync(slots, seqs)
         ordered, order, inverse = self._ordered(slots)
         tokens, lengths = tokens.to(self.device)[order], lengths.to(self.device)[order]
+        rows = max(1, BRANCH_TOKENS // (tokens.shape[1] * tokens.shape[2]))
+        out = [
+            self._score_group(ordered[i : i + rows], [seqs[j] for j in order[i : i + rows].tolist()],
+                              tokens[i : i + rows], lengths[i : i + rows])
+            for i in range(0, len(ordered), rows)
+        ]
+        return torch.cat(out)[inverse]
+
+    def _score_group(self, slots: list[Slot], seqs: list[list[int]], tokens: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
         n, k, span = tokens.shape
-        prefix = self.pool.prefix(ordered)
+        prefix = self.pool.prefix(slots)
         steps = torch.arange(span, device=self.device).repeat(k)
         positions = prefix.lengths[:, None] + steps[None]
         mask = llama.branch_mask(lengths, span)
@@ -229,16 +244,16 @@ class GuideModel:
             self.model, self._tokens(tokens.reshape(n, k * span)), positions, prefix, mask
         )
         first = torch.arange(k, device=self.device) * span
-        self._keep_first(ordered, tokens[:, :, 0], keys, values, first)
+        self._keep_first(slots, tokens[:, :, 0], keys, values, first)
         pooled = self._last_real(tokens, lengths)
         h = hidden.gather(1, (first[None] + pooled.clamp(min=0))[..., None].expand(n, k, hidden.shape[-1]))
         out = self._head(h)
         if (pooled < 0).any():  # a branch of padding only: its reward is that of the prefix
-            rows = (pooled < 0).any(-1).nonzero().flatten().tolist()
-            prefix_scores = self.score_sequences([seqs[order[i]] for i in rows])
-            for i, score in zip(rows, prefix_scores):
+            empty = (pooled < 0).any(-1).nonzero().flatten().tolist()
+            prefix_scores = self.score_sequences([seqs[i] for i in empty])
+            for i, score in zip(empty, prefix_scores):
                 out[i] = torch.where(pooled[i] < 0, score, out[i])
-        return out[inverse]
+        return out
 
     def _last_real(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Index of the last non-padding token within each run ([..., span] -> [...]); -1 when
@@ -257,16 +272,26 @@ class GuideModel:
     def rollout(
         self, slots: list[Slot], seqs: list[list[int]], cands: torch.Tensor, steps: int, eos: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy continuations of seq + [c] for each candidate c, all rows and candidates in one
-        batched generation that forks every row's cached prefix (no prompt is re-run).
+        """Greedy continuations of seq + [c] for each candidate c, the candidates of a group of
+        rows in one batched generation that forks every row's cached prefix (no prompt is re-run).
 
         Returns tokens [n, k, steps] and lengths [n, k] (a branch ends with its first eos)."""
         self.sync(slots, seqs)
         ordered, order, inverse = self._ordered(slots)
-        cur = cands.to(self.device)[order]
-        n, k = cur.shape
-        prefix = self.pool.prefix(ordered)
+        cands = cands.to(self.device)[order]
         kvh, head_dim = self.pool.shape
+        per_row = 2 * self.pool.layers * kvh * cands.shape[1] * steps * head_dim * self.dtype.itemsize
+        rows = max(1, min(ROLLOUT_BYTES // per_row, BRANCH_TOKENS // cands.shape[1]))
+        parts = [self._rollout_group(ordered[i : i + rows], cands[i : i + rows], steps, eos)
+                 for i in range(0, len(ordered), rows)]
+        return torch.cat([t for t, _ in parts])[inverse], torch.cat([n for _, n in parts])[inverse]
+
+    def _rollout_group(self, slots: list[Slot], cur: torch.Tensor, steps: int,
+                       eos: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        n, k = cur.shape
+        prefix = self.pool.prefix(slots)
+        kvh, head_dim = self.pool.shape
+
         def buffers() -> list[torch.Tensor]:
             shape = (n, kvh, k, steps, head_dim)
             return [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.pool.layers)]
@@ -284,14 +309,14 @@ class GuideModel:
             hidden, keys, values = llama.forward(self.model, self._tokens(cur), positions.expand(n, k), prefix,
                                                  mask, past)
             if t == 0:
-                self._keep_first(ordered, cur, keys, values, torch.arange(k, device=self.device))
+                self._keep_first(slots, cur, keys, values, torch.arange(k, device=self.device))
             nxt = self._head(hidden).argmax(-1)
             out[:, :, t] = torch.where(alive, nxt, 0)
             lengths += alive.long()
             if eos is not None:
                 alive = alive & (nxt != eos)
             cur = nxt
-        return out[inverse], lengths[inverse]
+        return out, lengths
 
     @torch.inference_mode()
     def score_sequences(self, seqs: list[list[int]]) -> torch.Tensor:

@@ -61,25 +61,28 @@ class BranchKV:
 
 
 def _attend_block(q, k_prefix, v_prefix, beyond, k_new, v_new, new_mask) -> torch.Tensor:
-    """q [b, kvh, g, nb, w, d]; k/v_prefix [b, kvh, T, d]; beyond [b, T] (masked prefix
-    positions); k/v_new [b, kvh, nb, S, d]; new_mask [b, nb, w, S]. Returns [b, kvh, g, nb, w, d]."""
-    b, kvh, g, nb, w, d = q.shape
-    t = k_prefix.shape[2]
+    """q [b, kvh, nb, g, w, d]; k/v_prefix [b, kvh, T, d]; beyond [b, T] (masked prefix
+    positions); k/v_new [b, kvh, nb, S, d]; new_mask [b, nb, w, S]. Returns [b, kvh, nb, g, w, d].
+
+    A branch's g query heads of one KV head sit next to each other, so its new keys are read as
+    they lie in memory (no broadcast copy of them, which in a rollout would grow every step)."""
+    b, kvh, nb, g, w, d = q.shape
+    t, s = k_prefix.shape[2], k_new.shape[3]
     # Scores in float32 (bf16 softmax loses too much); the prefix and branch parts are normalized
     # together without concatenating them, which saves a copy of the large prefix scores.
-    s_prefix = (q.reshape(b, kvh, g * nb * w, d) @ k_prefix.transpose(-1, -2)).float()
-    s_prefix = s_prefix.masked_fill_(beyond[:, None, None, :], float("-inf")).view(b, kvh, g, nb, w, t)
-    s_new = (q @ k_new[:, :, None].transpose(-1, -2)).float()
-    s_new.masked_fill_(~new_mask[:, None, None], float("-inf"))
+    s_prefix = (q.reshape(b, kvh, nb * g * w, d) @ k_prefix.transpose(-1, -2)).float()
+    s_prefix = s_prefix.masked_fill_(beyond[:, None, None, :], float("-inf")).view(b, kvh, nb, g * w, t)
+    s_new = (q.reshape(b, kvh, nb, g * w, d) @ k_new.transpose(-1, -2)).float()
+    s_new.view(b, kvh, nb, g, w, s).masked_fill_(~new_mask[:, None, :, None], float("-inf"))
     # Every query sees itself among its branch's tokens, so the maximum is finite.
     m = s_new.amax(-1, keepdim=True)
     if t:
         m = torch.maximum(m, s_prefix.amax(-1, keepdim=True))
     p_prefix, p_new = (s_prefix - m).exp_(), (s_new - m).exp_()
     z = p_prefix.sum(-1, keepdim=True) + p_new.sum(-1, keepdim=True)
-    out = (p_prefix.to(q.dtype).view(b, kvh, g * nb * w, t) @ v_prefix).float().view(b, kvh, g, nb, w, d)
-    out += (p_new.to(q.dtype) @ v_new[:, :, None]).float()
-    return (out / z).to(q.dtype)
+    out = (p_prefix.to(q.dtype).view(b, kvh, nb * g * w, t) @ v_prefix).float().view(b, kvh, nb, g * w, d)
+    out += (p_new.to(q.dtype) @ v_new).float()
+    return (out / z).to(q.dtype).view(b, kvh, nb, g, w, d)
 
 
 def attend(
@@ -102,7 +105,7 @@ def attend(
     kvh, t = k_prefix.shape[1], k_prefix.shape[2]
     g = h // kvh
     nb, w, s = new_mask.shape[1:]
-    q = q.reshape(b, kvh, g, nb, w, d) * d**-0.5
+    q = (q * d**-0.5).view(b, kvh, g, nb, w, d).transpose(2, 3)
     beyond = torch.arange(t, device=q.device)[None, :] >= prefix_lengths[:, None]
     per_query = kvh * g * (t + s)
     wb = max(1, min(w, BLOCK_SCORES // per_query))
@@ -110,19 +113,19 @@ def attend(
     rb = max(1, min(b, BLOCK_SCORES // (per_query * wb * jb)))
     if (rb, jb, wb) == (b, nb, w):
         out = _attend_block(q, k_prefix, v_prefix, beyond, k_new, v_new, new_mask)
-        return out.reshape(b, h, nq, d)
-    out = torch.empty_like(q)
-    for r in range(0, b, rb):
-        rows = slice(r, r + rb)
-        for j in range(0, nb, jb):
-            branches = slice(j, j + jb)
-            for i in range(0, w, wb):
-                queries = slice(i, i + wb)
-                out[rows, :, :, branches, queries] = _attend_block(
-                    q[rows, :, :, branches, queries], k_prefix[rows], v_prefix[rows], beyond[rows],
-                    k_new[rows, :, branches], v_new[rows, :, branches], new_mask[rows, branches, queries],
-                )
-    return out.reshape(b, h, nq, d)
+    else:
+        out = torch.empty_like(q)
+        for r in range(0, b, rb):
+            rows = slice(r, r + rb)
+            for j in range(0, nb, jb):
+                branches = slice(j, j + jb)
+                for i in range(0, w, wb):
+                    queries = slice(i, i + wb)
+                    out[rows, :, branches, :, queries] = _attend_block(
+                        q[rows, :, branches, :, queries], k_prefix[rows], v_prefix[rows], beyond[rows],
+                        k_new[rows, :, branches], v_new[rows, :, branches], new_mask[rows, branches, queries],
+                    )
+    return out.transpose(2, 3).reshape(b, h, nq, d)
 
 
 @torch.inference_mode()

@@ -37,10 +37,11 @@ class Admission:
     def check(self, cost: Cost) -> None:
         """Refuse (400) a request that exceeds a per-request limit."""
         s = self.settings
-        if cost.samples > s.max_samples_per_request:
+        limit, flag = min((s.max_samples_per_request, "--max-samples-per-request"),
+                          (s.max_concurrent_samples, "--max-concurrent-samples"))
+        if cost.samples > limit:
             raise HTTPError(400, f"this request asks for {cost.samples} sequences (prompts x n x alignment.n); "
-                                 f"this server allows {s.max_samples_per_request} per request "
-                                 "(--max-samples-per-request)", "n")
+                                 f"this server allows {limit} per request ({flag})", "n")
         if cost.guide_tokens > s.guide_step_budget:
             raise HTTPError(400, f"this request's guided work is {cost.guide_tokens:,} guide tokens per engine step "
                                  f"(all its sequences together); this server's per-step budget is "

@@ -171,11 +171,14 @@ def test_padding_is_pooled_like_transformers(rm):
 
 
 def test_attention_in_small_blocks_is_exact(rm, lm, monkeypatch):
-    """With a tiny block size every forward is cut into many row, branch and query blocks; the
-    results must not change (the blocks are what bounds memory for heavy requests)."""
-    from alignd.rewards import llama
+    """With tiny limits every call is cut into many forwards (groups of rows) and every
+    attention into many row, branch and query blocks; the results must not change (the cuts are
+    what bounds memory for heavy requests)."""
+    from alignd.rewards import guide_model, llama
 
     monkeypatch.setattr(llama, "BLOCK_SCORES", 64)
+    monkeypatch.setattr(guide_model, "BRANCH_TOKENS", 5)
+    monkeypatch.setattr(guide_model, "ROLLOUT_BYTES", 1)
     rng = random.Random(7)
     vocab = rm.config.vocab_size
     guide = GuideModel(rm, "score", max_len=256)
@@ -195,6 +198,11 @@ def test_attention_in_small_blocks_is_exact(rm, lm, monkeypatch):
     for i, s in enumerate(seqs):
         for j in range(k):
             assert rolled[i, j].tolist() == hf_greedy(lm, s + [tokens[i, j, 0].item()], 3, -1)
+    # the candidates of every group are kept: next step commits each chosen one without a forward
+    chosen = [s + [tokens[i, 1, 0].item()] for i, s in enumerate(seqs)]
+    calls = count_forwards(monkeypatch)
+    guide.sync(slots, chosen)
+    assert calls == []
 
 
 def count_forwards(monkeypatch) -> list[tuple[int, ...]]:
