@@ -338,7 +338,10 @@ def score(args, rewards: dict[str, str], samples: list[dict], out_dir: Path, dev
     with tqdm(total=len(samples), initial=len(done), desc="scoring", unit="sample") as bar:
         for lo in range(len(done), len(samples), SCORE_CHUNK):
             batch = seqs[lo : lo + SCORE_CHUNK]
-            scores = runtime.score(batch, list(rewards))
+            scores, failed = runtime.score(batch, list(rewards))
+            broken = next((f for f in failed if f), None)
+            if broken:
+                raise GuideError(f"scoring failed: {broken}")
             append_jsonl(path, [{"i": lo + k, "seq": fingerprint_of(q), "rewards": r}
                                 for k, (q, r) in enumerate(zip(batch, scores))])
             bar.update(len(batch))

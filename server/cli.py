@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -103,6 +104,14 @@ def serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app.state.exit = exit_server
+
+    def stopped(signum, frame) -> None:
+        # uvicorn drains on SIGTERM/SIGINT, then raises the signal again: a drained server exits
+        # with its own code (0, or 1 when the engine died), not as killed by the signal.
+        raise SystemExit(exit_code[0])
+
+    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGINT, stopped)
     print(f"alignd: starting the engine for {settings.model_name} "
           f"(rewards: {', '.join(settings.rewards) or 'none'}; values: {', '.join(settings.values) or 'none'}; "
           f"reference: {settings.reference or 'none'}); it serves at "

@@ -70,10 +70,12 @@ class Engine:
         self.max_model_len = self.llm.model_config.max_model_len
         self.vocab_limit = max(self.vocab_limit, self.llm.model_config.get_vocab_size())
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 1.0) -> None:
+        """Stop the engine; a core still busy in a step after `timeout` seconds is killed (the
+        requests in flight are already answered or given up by then)."""
         if self.llm is not None:
-            self.llm.shutdown()
-            self.llm = None
+            llm, self.llm = self.llm, None
+            llm.shutdown(timeout=timeout)
 
     # -- prompts --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
