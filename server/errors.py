@@ -11,6 +11,7 @@ its 200 was sent and a client that went away (499).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -53,12 +54,21 @@ def error_response(status: int, message: str, param: str | None = None,
     return JSONResponse(error_json(status, message, param), status_code=status, headers=headers)
 
 
+# Parts of a pydantic error location that name a union member, not a field ("constrained-str",
+# "list[int]", "function-after[...]", "str").
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """One line for the first problem of a pydantic validation: (message, param)."""
+    """One line for the first problem of a pydantic validation: (message, param). For a value
+    that matches no member of a union, the member it came closest to speaks (not "wrong type")."""
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg', '')}".rstrip(": "), None
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    first = next((e for e in errors if not str(e.get("type", "")).endswith(("_type", "_parsing"))), first)
+    where = ".".join(str(p) for p in first.get("loc", ())
+                     if p != "body" and (isinstance(p, int) or (_FIELD.match(p) and p not in _MEMBERS)))
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{where}: {msg}" if where else msg), where or None
 

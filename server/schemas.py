@@ -5,9 +5,9 @@ Unknown OpenAI fields are ignored (clients send many); every field we read is va
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from alignd.decoders.params import AlignmentParams
 
@@ -17,6 +17,8 @@ class StreamOptions(BaseModel):
 
 
 INT64 = 2**63
+Stop = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+Text = Annotated[str, StringConstraints(min_length=1)]
 
 
 class SamplingFields(BaseModel):
@@ -28,7 +30,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=64)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
-    stop: str | list[str] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -41,10 +43,7 @@ class SamplingFields(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, stop: str | list[str] | None) -> list[str]:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > 4 or any(not s or len(s) > 1024 for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings of at most 1024 characters")
-        return stops
+        return [stop] if isinstance(stop, str) else list(stop or [])
 
 
 class CompletionRequest(SamplingFields):

@@ -4,7 +4,9 @@ as before the barrage."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
+import time
 
 import httpx
 import pytest
@@ -320,3 +322,20 @@ def test_server_answers_as_before_after_the_barrage(hostile_server, before):
     assert 'status="500"' not in metrics and 'status="503"' not in metrics
     assert 'alignd_requests_total{decoder="none",endpoint="completions",status="400"}' in metrics
     assert 'alignd_guide_failures{guide="reward \'moody\'"}' in metrics
+
+
+def test_large_prompt_is_refused_without_stalling_the_server(bare_server):
+    """A 3.5 MB prompt, under this server's 4 MiB body limit: read and parsed off the event loop
+    and refused by its length before any tokenizing, while /health keeps answering."""
+    big = json.dumps({"model": "tiny", "prompt": "word " * 700_000, "max_tokens": 2}).encode()
+    assert 3_400_000 < len(big) < bare_server.config.get("max_request_bytes", 4 * 2**20)
+    with cf.ThreadPoolExecutor(1) as pool, httpx.Client(base_url=bare_server.url, timeout=120) as http:
+        sent = pool.submit(lambda: send(http, "POST", "/v1/completions", big, {}))
+        health = []
+        while not sent.done():
+            started = time.monotonic()
+            assert http.get("/health").status_code == 200
+            health.append(time.monotonic() - started)
+        resp = sent.result()
+    assert resp.status_code == 400 and "characters" in resp.json()["error"]["message"], resp.text
+    print(f"3.5 MB prompt: /health answered {len(health)} times meanwhile, slowest {max(health, default=0):.3f} s")
