@@ -46,6 +46,7 @@ class Row:
     request_id: str
     prompt: list[int]
     output: list[int]  # the engine's live list: it grows as tokens are sampled
+    sampling: Any = None  # the request's vllm SamplingParams: the engine keeps it while the request lives
     guides: dict[Key, Any] = field(default_factory=dict)  # guide -> its per-request state
     # (guide, reason) once a guide failed for this row: it is decoded unguided from then on.
     failure: tuple[str, str] | None = None

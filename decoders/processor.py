@@ -48,14 +48,30 @@ class AlignmentLogitsProcessor(LogitsProcessor):
         self.routes = {(kind, name): scorer.route for kind, group in self.guides.scorers.items()
                        for name, scorer in group.items()}
         self.rows: dict[int, Row] = {}
+        # Rows out of the batch for a step or more (the scheduler held them, see scheduler.py),
+        # by their request's SamplingParams, which the engine keeps until the request ends.
+        self.parked: dict[int, Row] = {}
+        self.guides.sweepers.append(self._sweep)
 
     def is_argmax_invariant(self) -> bool:
         return False
 
     def _drop(self, index: int) -> None:
         row = self.rows.pop(index, None)
-        if row is not None:
+        if row is None:
+            return
+        if self.guides.runner is None:  # no way to tell a held request from a finished one
             row.release(self.guides)
+        else:
+            self.parked[id(row.sampling)] = row
+
+    def _sweep(self) -> None:
+        """Release the parked rows whose requests have ended."""
+        if not self.parked:
+            return
+        live = {id(state.sampling_params) for state in self.guides.runner.requests.values()}
+        for key in [k for k in self.parked if k not in live]:
+            self.parked.pop(key).release(self.guides)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
@@ -64,21 +80,29 @@ class AlignmentLogitsProcessor(LogitsProcessor):
             self._drop(index)
         for index, params, prompt, output in batch_update.added:
             self._drop(index)
+            row = self.parked.pop(id(params), None)
+            if row is not None:  # back from a held step, its guide caches intact
+                row.output = output
+                self.rows[index] = row
+                continue
             alignment = from_extra_args(params.extra_args)
             if alignment is not None and alignment.decoder in DECODERS:
                 request_id = str(params.extra_args.get("alignd_request", ""))
-                self.rows[index] = Row(alignment, request_id, list(prompt or []), output)
+                self.rows[index] = Row(alignment, request_id, list(prompt or []), output, params)
         for a, b, direction in batch_update.moved:
-            row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
             if direction is MoveDirectionality.SWAP:
+                row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
                 if row_b is not None:
                     self.rows[a] = row_b
-            elif row_b is not None:
-                row_b.release(self.guides)
-            if row_a is not None:
-                self.rows[b] = row_a
+                if row_a is not None:
+                    self.rows[b] = row_a
+            else:
+                self._drop(b)
+                if (row := self.rows.pop(a, None)) is not None:
+                    self.rows[b] = row
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        self._sweep()
         if not self.rows:
             return logits
         started = time.perf_counter()

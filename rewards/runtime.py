@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 import torch
@@ -55,8 +56,11 @@ class GuideRuntime:
         self.step_seconds = 0.0
         self.max_step_seconds = 0.0
         self.guide_tokens = 0
+        self.max_step_guide_tokens = 0
         self.failures: dict[str, int] = {}  # guide -> rows it failed
         self.notes: dict[str, dict[str, int]] = {}  # request -> note -> how often
+        self.runner = None  # the worker's model runner, once the server attached it (worker.py)
+        self.sweepers: list[Callable[[], None]] = []  # what releases state of requests that ended
 
     @classmethod
     def get(cls, config: GuideConfig, device: torch.device, dtype: torch.dtype, max_len: int) -> GuideRuntime:
@@ -169,8 +173,11 @@ class GuideRuntime:
         self.step_seconds += seconds
         self.max_step_seconds = max(self.max_step_seconds, seconds)
         self.guide_tokens += guide_tokens
+        self.max_step_guide_tokens = max(self.max_step_guide_tokens, guide_tokens)
 
     def stats(self) -> dict:
+        for sweep in self.sweepers:  # an idle engine runs no step that would do it
+            sweep()
         scorers = [r for group in self.scorers.values() for r in group.values()]
         return {
             "guide_states": sum(r.active() for r in scorers)
@@ -179,5 +186,6 @@ class GuideRuntime:
             "guided_step_seconds": self.step_seconds,
             "max_guided_step_seconds": self.max_step_seconds,
             "guide_tokens": self.guide_tokens,
+            "max_step_guide_tokens": self.max_step_guide_tokens,
             "guide_failures": dict(self.failures),
         }

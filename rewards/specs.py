@@ -38,6 +38,7 @@ class GuideConfig(BaseModel):
     reference: str | None = None
     baseline: str | None = None
     text_reward_timeout: float = 2.0  # seconds a py: reward may take for one row's texts
+    guide_step_budget: int = 0  # guide tokens per engine step, on average (decoders/scheduler.py); 0: no budget
 
 
 def parse_named(item: str, flag: str) -> tuple[str, str]:

@@ -8,6 +8,11 @@ from alignd.rewards.runtime import GuideRuntime
 
 
 class GuideWorkerExtension:
+    def alignd_attach(self) -> None:
+        """Let the guide runtime see the engine's live requests: the processor keeps the guide
+        caches of a request the scheduler holds out of a step, and frees them once it ends."""
+        GuideRuntime.current().runner = self.model_runner
+
     def alignd_score(self, seqs: list[list[int]], names: list[str]) -> dict:
         rewards, failed = GuideRuntime.current().score(seqs, names)
         return {"rewards": rewards, "failed": failed}

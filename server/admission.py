@@ -1,11 +1,13 @@
 """Admission: a request enters the engine only while what it costs fits what the server allows.
 
-Every sequence shares the engine's steps, and a guided sequence adds its guide work to every
-step it is in. So a request is charged for what it costs, not counted as one: its samples
-(prompts x n x alignment.n) against `max_concurrent_samples`, and its guide tokens per step
-against `guide_step_budget`. A request that could never fit is refused with 400 before it waits;
-one that cannot fit now waits its turn (first come, first served, so a large request is not
-starved by small ones) for up to `queue_timeout`, then gets 429.
+Every sequence shares the engine's steps, and a guided sequence adds its guide work to the steps
+it is in. So a request is charged for what it costs, not counted as one: its samples (prompts x
+n x alignment.n) against `max_concurrent_samples`, and its guide tokens per step against
+`max_guide_tokens_in_flight`. (Inside the engine the scheduler spreads the guided work of the
+requests let in over the steps, `guide_step_budget` a step; this bound keeps how slow that makes
+them, and their guide caches, in check.) A request that could never fit is refused with 400
+before it waits; one that cannot fit now waits its turn (first come, first served, so a large
+request is not starved by small ones) for up to `queue_timeout`, then gets 429.
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ class Admission:
         if cost.samples > limit:
             raise HTTPError(400, f"this request asks for {cost.samples} sequences (prompts x n x alignment.n); "
                                  f"this server allows {limit} per request ({flag})", "n")
-        if cost.guide_tokens > s.guide_step_budget:
+        if cost.guide_tokens > s.max_guide_tokens_in_flight:
             raise HTTPError(400, f"this request's guided work is {cost.guide_tokens:,} guide tokens per engine step "
-                                 f"(all its sequences together); this server's per-step budget is "
-                                 f"{s.guide_step_budget:,} (--guide-step-budget): ask for fewer sequences, a smaller "
-                                 "top_k or shorter rollouts", "alignment")
+                                 f"(all its sequences together); this server runs at most "
+                                 f"{s.max_guide_tokens_in_flight:,} at once (--max-guide-tokens-in-flight): ask for "
+                                 "fewer sequences, a smaller top_k or shorter rollouts", "alignment")
 
     async def enter(self, cost: Cost) -> None:
         """Wait until the request may run; raise HTTPError (429, 503) if it may not."""
@@ -59,7 +61,8 @@ class Admission:
         self.requests += 1
         self.samples += cost.samples
         try:
-            if cost.guide_tokens and (self._waiting or self.guide_tokens + cost.guide_tokens > s.guide_step_budget):
+            full = self.guide_tokens + cost.guide_tokens > s.max_guide_tokens_in_flight
+            if cost.guide_tokens and (self._waiting or full):
                 await self._wait(cost)
             else:
                 self.guide_tokens += cost.guide_tokens
@@ -86,9 +89,9 @@ class Admission:
                 self._waiting.remove(entry)
             self._wake()
             if isinstance(e, TimeoutError):
-                raise HTTPError(429, f"the guided work already running fills this server's per-step budget "
-                                     f"({self.settings.guide_step_budget:,} guide tokens) and this request waited "
-                                     f"{self.settings.queue_timeout:g} s for room; retry later",
+                raise HTTPError(429, "the guided work already running fills what this server runs at once "
+                                     f"({self.settings.max_guide_tokens_in_flight:,} guide tokens per step) and this "
+                                     f"request waited {self.settings.queue_timeout:g} s for room; retry later",
                                 headers={"Retry-After": "5"}) from None
             raise
         finally:
@@ -107,7 +110,7 @@ class Admission:
             if turn.done():
                 self._waiting.popleft()
                 continue
-            if self.guide_tokens + cost.guide_tokens > self.settings.guide_step_budget:
+            if self.guide_tokens + cost.guide_tokens > self.settings.max_guide_tokens_in_flight:
                 return
             self._waiting.popleft()
             self.guide_tokens += cost.guide_tokens

@@ -55,6 +55,7 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
     async def lifespan(app: FastAPI):
         if engine.llm is None:
             engine.start()
+        await engine.attach_guides()
         watcher = asyncio.create_task(engine.watch(engine_died))
         yield
         watcher.cancel()

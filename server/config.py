@@ -38,10 +38,14 @@ class ServeSettings(BaseSettings):
         "(top_k, or top_k x (1 + rollout_tokens) for transfer_q); beyond this, HTTP 400"
     )
     guide_step_budget: int = Field(
-        8192, ge=1, description="guide tokens of all guided sequences in one engine step; requests "
-        "wait for room (a request that alone exceeds it gets HTTP 400)"
+        8192, ge=1, description="guide tokens per engine step, on average, of all guided sequences: "
+        "beyond it they take turns (plain sequences never wait for them)"
     )
-    queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait for guide budget; then HTTP 429")
+    max_guide_tokens_in_flight: int = Field(
+        32768, ge=1, description="guide tokens per step of all guided requests running at once: beyond "
+        "it requests wait for room (a request that alone exceeds it gets HTTP 400)"
+    )
+    queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait for room; then HTTP 429")
     text_reward_timeout: float = Field(
         2.0, gt=0, description="seconds a py: text reward may take for one sequence's texts; then it counts as failed"
     )

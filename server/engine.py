@@ -17,10 +17,12 @@ from transformers import AutoTokenizer
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import RequestOutput
+from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from alignd.decoders.processor import AlignmentLogitsProcessor
+from alignd.decoders.scheduler import GuideBudgetAsyncScheduler, GuideBudgetScheduler
 from alignd.rewards.specs import GuideConfig, Route
 from alignd.server.config import ServeSettings
 
@@ -44,7 +46,7 @@ class Engine:
         s = self.settings
         guides = GuideConfig(
             model=s.model, rewards=s.rewards, values=s.values, reference=s.reference, baseline=s.baseline,
-            text_reward_timeout=s.text_reward_timeout,
+            text_reward_timeout=s.text_reward_timeout, guide_step_budget=s.guide_step_budget,
         )
         return AsyncEngineArgs(
             model=s.model,
@@ -66,7 +68,14 @@ class Engine:
         # Model Runner V2 (vLLM's CUDA default) refuses V1-interface logits processors; the
         # V1 runner serves them everywhere. The CPU build always runs V1.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-        self.llm = AsyncLLM.from_engine_args(self.engine_args())
+        args = self.engine_args()
+        config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        # vLLM's own scheduler (async or not, as vLLM chose), with the guide budget mixed in.
+        config.scheduler_config.scheduler_cls = (
+            GuideBudgetAsyncScheduler if config.scheduler_config.async_scheduling else GuideBudgetScheduler
+        )
+        self.llm = AsyncLLM.from_vllm_config(config, enable_log_requests=args.enable_log_requests,
+                                             disable_log_stats=args.disable_log_stats)
         self.max_model_len = self.llm.model_config.max_model_len
         self.vocab_limit = max(self.vocab_limit, self.llm.model_config.get_vocab_size())
 
@@ -93,6 +102,10 @@ class Engine:
     def generate(self, prompt: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         assert self.llm is not None, "engine not started"
         return self.llm.generate({"prompt_token_ids": prompt}, params, request_id)
+
+    async def attach_guides(self) -> None:
+        """Show the guide runtime in the worker the engine's requests (see worker.py)."""
+        await self.rpc("alignd_attach")
 
     async def watch(self, on_death: Callable[[], None], every: float = 0.1) -> None:
         """Notice the engine's death within `every` seconds: wake every waiting call, then tell

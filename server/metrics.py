@@ -29,6 +29,7 @@ GUIDED_STEP_SECONDS = Gauge(
 )
 MAX_GUIDED_STEP_SECONDS = Gauge("alignd_max_guided_step_seconds", "the longest guided decoder step (since start)")
 GUIDE_TOKENS = Gauge("alignd_guide_tokens", "guide tokens run in guided decoder steps (since start)")
+MAX_STEP_GUIDE_TOKENS = Gauge("alignd_max_step_guide_tokens", "the most guide tokens one step ran (since start)")
 GUIDE_FAILURES = Gauge("alignd_guide_failures", "rows a guide failed on (since start)", ["guide"])
 
 
@@ -38,5 +39,6 @@ def observe_worker(stats: dict) -> None:
     GUIDED_STEP_SECONDS.set(stats["guided_step_seconds"])
     MAX_GUIDED_STEP_SECONDS.set(stats["max_guided_step_seconds"])
     GUIDE_TOKENS.set(stats["guide_tokens"])
+    MAX_STEP_GUIDE_TOKENS.set(stats["max_step_guide_tokens"])
     for guide, rows in stats["guide_failures"].items():
         GUIDE_FAILURES.labels(guide).set(rows)

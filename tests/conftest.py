@@ -118,6 +118,7 @@ def server(tiny, tmp_path_factory):
         # Decoder tests run slow recomputing rewards side by side, and the isolation tests a heavy
         # Transfer Q* request: limits far above the defaults.
         "guide_step_budget": 1_000_000,
+        "max_guide_tokens_in_flight": 1_000_000,
         "max_guide_tokens_per_step": 30_000,
         "rewards": {
             "a": str(tiny["rm_a"]),
@@ -146,6 +147,7 @@ def hostile_config(tiny) -> dict:
         "model": str(tiny["base"]), "served_model_name": "tiny", "dtype": "float32", "max_model_len": 512,
         "max_num_seqs": 32, "max_concurrent_requests": 16, "max_concurrent_samples": 40,
         "max_request_bytes": 65536, "text_reward_timeout": 1.0, "queue_timeout": 3.0,
+        "max_guide_tokens_in_flight": 8192,
         "rewards": {"a": str(tiny["rm_a"]), "b": str(tiny["rm_b"]), "moody": "py:tests.rules:moody"},
         "values": {"va": str(tiny["rm_a"])},
         "reference": str(tiny["base2"]),
@@ -157,3 +159,13 @@ def hostile_config(tiny) -> dict:
 def hostile_server(tiny, tmp_path_factory):
     """A server at default limits with a misbehaving text reward: for hostile input and isolation."""
     yield from start_server(hostile_config(tiny), tmp_path_factory.mktemp("hostile"))
+
+
+@pytest.fixture(scope="session")
+def budget_server(tiny, tmp_path_factory):
+    """A server whose engine may run only 24 guide tokens a step (an ARGS row with top_k 4 and
+    one reward costs 4): guided rows take turns."""
+    config = {"model": str(tiny["base"]), "served_model_name": "tiny", "dtype": "float32",
+              "max_model_len": 256, "max_num_seqs": 32, "guide_step_budget": 24,
+              "rewards": {"a": str(tiny["rm_a"])}}
+    yield from start_server(config, tmp_path_factory.mktemp("budget"))

@@ -166,8 +166,8 @@ def metric(server, name: str) -> float:
     return server.metric(name)
 
 
-def test_guided_work_beyond_the_step_budget_waits_its_turn(hostile_server):
-    """Two requests whose guide tokens together exceed the step budget (8,192): the second
+def test_guided_work_beyond_what_runs_at_once_waits_its_turn(hostile_server):
+    """Two requests whose guide tokens together exceed what the server runs at once (8,192): the second
     waits until the first is done, and both complete; one that waits past queue_timeout gets 429."""
     alignment = {"decoder": "transfer_q", "rewards": {"a": 1.0}, "top_k": 20, "rollout_tokens": 20}
     long = {"model": "tiny", "prompt": "the film was", "n": 6, "temperature": 1.0, "max_tokens": 150,
@@ -186,7 +186,7 @@ def test_guided_work_beyond_the_step_budget_waits_its_turn(hostile_server):
     assert waited == 1
     # The first outlives the 3 s queue_timeout of this server: the second waited in vain.
     assert resp.status_code == 429, resp.text
-    assert "per-step budget" in resp.json()["error"]["message"] and resp.headers["retry-after"]
+    assert "runs at once" in resp.json()["error"]["message"] and resp.headers["retry-after"]
     assert metric(hostile_server, "alignd_guide_budget_in_use") == 0
     assert metric(hostile_server, "alignd_guide_budget_waiting") == 0
     short = {**long, "max_tokens": 3}
@@ -208,3 +208,29 @@ def test_samples_count_against_concurrency(hostile_server):
     many.join()
     assert refused.status_code == 429 and "sequences in flight" in refused.json()["error"]["message"]
     assert fits.status_code == 200
+
+
+PROMPTS = ["the movie was", "what a lovely day", "the service at the", "we went to the sea",
+           "she said that the book", "numbers one two", "this is the best", "a good story with"]
+
+
+def test_guided_rows_beyond_the_step_budget_take_turns_with_their_caches_kept(budget_server):
+    """Eight ARGS rows of 4 guide tokens each, on an engine that runs 24 a step on average: the
+    scheduler holds some out of each step, a held row keeps its guide caches, and every request
+    decodes token for token as when alone."""
+    alignment = {"decoder": "args", "rewards": {"a": 1.0}, "top_k": 4}
+    solo = [complete(budget_server, p, alignment, max_tokens=24) for p in PROMPTS]
+    steps, tokens = (budget_server.metric(f"alignd_{m}") for m in ("guided_steps", "guide_tokens"))
+    with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: complete(budget_server, p, alignment, max_tokens=24), PROMPTS))
+    assert together == solo
+    steps = budget_server.metric("alignd_guided_steps") - steps
+    tokens = budget_server.metric("alignd_guide_tokens") - tokens
+    print(f"8 guided rows, budget 24 a step: {tokens:.0f} guide tokens in {steps:.0f} guided steps")
+    # 8 x 24 tokens of 4 guide tokens each (plus the prompts' first steps) at 24 a step: the rows
+    # took turns over at least 32 steps, where all together would have needed 24.
+    assert steps >= 32 and tokens / steps <= 26
+    deadline = time.monotonic() + 30
+    while budget_server.metric("alignd_guide_states") != 0:  # the held rows' caches, freed at the end
+        assert time.monotonic() < deadline
+        time.sleep(0.2)

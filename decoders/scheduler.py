@@ -1,0 +1,87 @@
+"""vLLM's scheduler with a budget for the guided work of each engine step.
+
+A guided sequence adds its guide work to every step it is in, and every request in that step
+waits for it. vLLM's scheduler puts every running sequence into every step; this one lets guided
+sequences into a step by a token bucket: each step adds `guide_step_budget` guide tokens of
+credit (kept up to the larger of one step's budget and the costliest waiting sequence), and the
+guided sequences take turns, the one that waited longest first, while the credit covers their
+cost (decoders/cost.py). The others skip the step through vLLM's own `next_decode_eligible_step`
+and keep their caches. Plain sequences are never held. A new guided sequence joins at once, and
+its first step is paid from later steps' credit.
+
+So the guided work averages at most the budget per step, however many guided requests run: a
+plain request's steps stay short, and the guided requests share what the budget allows. A
+sequence that alone costs more than the budget runs once enough credit has accumulated, in a
+step of its own.
+"""
+
+from __future__ import annotations
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from alignd.decoders.cost import guide_tokens
+from alignd.decoders.params import IN_ENGINE, AlignmentParams, from_extra_args
+
+
+class GuideBudget:
+    """Mixed into vLLM's Scheduler (or AsyncScheduler): holds guided sequences beyond the budget."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        config = (self.vllm_config.additional_config or {}).get("alignd") or {}
+        self.guide_budget = float(config.get("guide_step_budget") or 0)
+        self.guide_credit = 0.0
+        self.guided_turn: dict[str, int] = {}  # request id -> the last step it was guided in
+        self.alignments: dict[str, AlignmentParams | None] = {}  # request id -> what it asks
+
+    def _guide_cost(self, request: Request) -> int:
+        if request.request_id not in self.alignments:
+            al = from_extra_args(request.sampling_params.extra_args) if request.sampling_params else None
+            self.alignments[request.request_id] = al if al is not None and al.decoder in IN_ENGINE else None
+        al = self.alignments[request.request_id]
+        return 0 if al is None else guide_tokens(al, {}, request.num_tokens)
+
+    def schedule(self, *args, **kwargs) -> SchedulerOutput:
+        if self.guide_budget <= 0:
+            return super().schedule(*args, **kwargs)
+        self._take_turns(self.current_step + 1)  # schedule() counts this step first
+        out = super().schedule(*args, **kwargs)
+        # A new sequence joins at once (vLLM admits it from its waiting queue); its first step,
+        # the guides' prompt fill included, is paid from later steps' credit instead.
+        for new in out.scheduled_new_reqs:
+            request = self.requests.get(new.req_id)
+            if request is not None and (cost := self._guide_cost(request)) > 0:
+                self.guide_credit -= cost + request.num_prompt_tokens
+        return out
+
+    def _take_turns(self, step: int) -> None:
+        guided = [(r, c) for r in self.running if (c := self._guide_cost(r)) > 0]
+        self.alignments = {r.request_id: self.alignments[r.request_id] for r in self.running}
+        self.guided_turn = {r.request_id: self.guided_turn.get(r.request_id, -1) for r, _ in guided}
+        if not guided:
+            self.guide_credit = 0.0
+            return
+        guided.sort(key=lambda rc: self.guided_turn[rc[0].request_id])
+        cap = max(self.guide_budget, max(c for _, c in guided))
+        self.guide_credit = min(self.guide_credit + self.guide_budget, cap)  # may stay < 0: a debt
+        waiting = False
+        for request, cost in guided:
+            # In turn order: once one cannot run, the later ones wait too, so the credit builds
+            # up for it instead of going to cheaper sequences behind it.
+            if not waiting and cost <= self.guide_credit:
+                self.guide_credit -= cost
+                self.guided_turn[request.request_id] = step
+            else:
+                waiting = True
+                request.next_decode_eligible_step = max(request.next_decode_eligible_step, step + 1)
+
+
+class GuideBudgetScheduler(GuideBudget, Scheduler):
+    pass
+
+
+class GuideBudgetAsyncScheduler(GuideBudget, AsyncScheduler):
+    pass
