@@ -124,6 +124,7 @@ class AlignmentLogitsProcessor(LogitsProcessor):
         rows = [self.rows[i] for i in indices]
         for row in rows:
             row.skipped = None
+        spent = sum(self._cost(row) for row in rows)
         index = torch.tensor(indices, device=logits.device)
         try:
             out = DECODERS[decoder](self.guides, rows, [r.tokens() for r in rows], logits[index])
@@ -133,7 +134,7 @@ class AlignmentLogitsProcessor(LogitsProcessor):
             log.warning("alignd: %s step failed for one row", decoder, exc_info=True)
             guide, reason = (e.guide, e.reason) if isinstance(e, GuideFailure) else (decoder, f"{type(e).__name__}: {e}")
             self._fail(rows[0], guide, reason)
-            return 0
+            return spent
         finite = torch.isfinite(out).any(-1) & ~torch.isnan(out).any(-1) & ~(out == float("inf")).any(-1)
         keep = []
         for j, (row, ok) in enumerate(zip(rows, finite.tolist())):
@@ -151,7 +152,7 @@ class AlignmentLogitsProcessor(LogitsProcessor):
         if keep:
             chosen = torch.tensor(keep, device=logits.device)
             logits[index[chosen]] = out[chosen]
-        return sum(self._cost(row) for row in rows)
+        return spent
 
     def _fail(self, row: Row, guide: str, reason: str) -> None:
         row.failure = (guide, reason)
