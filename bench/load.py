@@ -31,6 +31,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -189,6 +190,19 @@ def rss(pid: int | None) -> dict[str, int]:
     return out
 
 
+class RssSampler(threading.Thread):
+    """The server's resident memory (all its processes) every `every` seconds, while it runs."""
+
+    def __init__(self, pid: int | None, every: float = 15.0) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every, self.samples = pid, every, []
+        self.started_at, self.stopped = time.perf_counter(), threading.Event()
+
+    def run(self) -> None:
+        while self.pid is not None and not self.stopped.wait(self.every):
+            self.samples.append((round(time.perf_counter() - self.started_at), sum(rss(self.pid).values())))
+
+
 def quantile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -267,7 +281,9 @@ def report(args, result: dict) -> str:
               "- resident memory (MiB) after the warm-up -> at the end: "
               + ", ".join(f"{k} {a / 2**20:.0f} -> {result['rss_end'].get(k, 0) / 2**20:.0f}"
                           for k, a in result["rss_start"].items()),
-              f"- memory growth after the warm-up: {f(result['rss_growth_pct'])} %", ""]
+              f"- memory growth after the warm-up: {f(result['rss_growth_pct'])} %",
+              "- resident memory of all the server's processes over the run (s: MiB): "
+              + ", ".join(f"{t}: {m}" for t, m in result["rss_mib_over_time"]), ""]
     return "\n".join(lines)
 
 
@@ -308,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         phases = [Phase("warm-up", args.warmup_seconds), Phase("plain", args.plain_seconds),
                   Phase("mixed", args.mixed_seconds)]
         rss_start: dict[str, int] = {}
+        sampler = RssSampler(pid)
+        sampler.start()
         for phase in phases:
             phase_kinds = {"plain": None} if phase.name == "plain" else kinds
             print(f"bench: {phase.name}: {args.clients} clients for {phase.seconds:g} s", flush=True)
@@ -318,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 rss_start = rss(pid)
         held = drained(url, args.drain_timeout)
         rss_end = rss(pid)
+        sampler.stopped.set()
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -339,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_start": rss_start,
         "rss_end": rss_end,
         "rss_growth_pct": 100 * (total_end - total_start) / total_start if total_start else None,
+        "rss_mib_over_time": [(t, round(b / 2**20)) for t, b in sampler.samples],
     }
     text = report(args, result)
     print(text)

@@ -65,13 +65,15 @@ class AlignmentLogitsProcessor(LogitsProcessor):
         else:
             self.parked[id(row.sampling)] = row
 
-    def _sweep(self) -> None:
-        """Release the parked rows whose requests have ended."""
+    def _sweep(self) -> int:
+        """Release the parked rows whose requests have ended; return how many stay parked (held
+        out of the step by the guide budget, or preempted)."""
         if not self.parked:
-            return
+            return 0
         live = {id(state.sampling_params) for state in self.guides.runner.requests.values()}
         for key in [k for k in self.parked if k not in live]:
             self.parked.pop(key).release(self.guides)
+        return len(self.parked)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:

@@ -60,7 +60,9 @@ class GuideRuntime:
         self.failures: dict[str, int] = {}  # guide -> rows it failed
         self.notes: dict[str, dict[str, int]] = {}  # request -> note -> how often
         self.runner = None  # the worker's model runner, once the server attached it (worker.py)
-        self.sweepers: list[Callable[[], None]] = []  # what releases state of requests that ended
+        # Release the state of requests that ended; each returns how many rows it still holds
+        # out of the batch.
+        self.sweepers: list[Callable[[], int]] = []
 
     @classmethod
     def get(cls, config: GuideConfig, device: torch.device, dtype: torch.dtype, max_len: int) -> GuideRuntime:
@@ -176,8 +178,7 @@ class GuideRuntime:
         self.max_step_guide_tokens = max(self.max_step_guide_tokens, guide_tokens)
 
     def stats(self) -> dict:
-        for sweep in self.sweepers:  # an idle engine runs no step that would do it
-            sweep()
+        waiting = sum(sweep() for sweep in self.sweepers)  # an idle engine runs no step that would sweep
         scorers = [r for group in self.scorers.values() for r in group.values()]
         return {
             "guide_states": sum(r.active() for r in scorers)
@@ -188,4 +189,5 @@ class GuideRuntime:
             "guide_tokens": self.guide_tokens,
             "max_step_guide_tokens": self.max_step_guide_tokens,
             "guide_failures": dict(self.failures),
+            "guided_rows_waiting": waiting,
         }

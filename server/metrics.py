@@ -21,7 +21,9 @@ GUIDE_BUDGET_IN_USE = Gauge(
     "alignd_guide_budget_in_use", "guide tokens per engine step held by the guided requests running now"
 )
 GUIDE_BUDGET_WAITING = Gauge("alignd_guide_budget_waiting", "requests waiting for room in the per-step guide budget")
-# From the engine worker: totals since it started, as last read (never waited for).
+# From the engine worker, as last read (never waited for).
+GUIDED_ROWS_WAITING = Gauge("alignd_guided_rows_waiting",
+                            "guided sequences held out of the last step (their turn in the guide budget, or preempted)")
 GUIDE_STATES = Gauge("alignd_guide_states", "per-request guide caches held in the worker")
 GUIDED_STEPS = Gauge("alignd_guided_steps", "engine steps that ran a guided decoder (since start)")
 GUIDED_STEP_SECONDS = Gauge(
@@ -35,6 +37,7 @@ GUIDE_FAILURES = Gauge("alignd_guide_failures", "rows a guide failed on (since s
 
 def observe_worker(stats: dict) -> None:
     GUIDE_STATES.set(stats["guide_states"])
+    GUIDED_ROWS_WAITING.set(stats["guided_rows_waiting"])
     GUIDED_STEPS.set(stats["guided_steps"])
     GUIDED_STEP_SECONDS.set(stats["guided_step_seconds"])
     MAX_GUIDED_STEP_SECONDS.set(stats["max_guided_step_seconds"])

@@ -221,9 +221,15 @@ def test_guided_rows_beyond_the_step_budget_take_turns_with_their_caches_kept(bu
     alignment = {"decoder": "args", "rewards": {"a": 1.0}, "top_k": 4}
     solo = [complete(budget_server, p, alignment, max_tokens=24) for p in PROMPTS]
     steps, tokens = (budget_server.metric(f"alignd_{m}") for m in ("guided_steps", "guide_tokens"))
+    held: list[float] = []
     with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
-        together = list(pool.map(lambda p: complete(budget_server, p, alignment, max_tokens=24), PROMPTS))
+        runs = [pool.submit(complete, budget_server, p, alignment, max_tokens=24) for p in PROMPTS]
+        while not all(r.done() for r in runs):
+            held.append(budget_server.metric("alignd_guided_rows_waiting"))
+            time.sleep(0.1)
+        together = [r.result() for r in runs]
     assert together == solo
+    assert max(held) >= 1  # the metric shows the rows the budget held out
     steps = budget_server.metric("alignd_guided_steps") - steps
     tokens = budget_server.metric("alignd_guide_tokens") - tokens
     print(f"8 guided rows, budget 24 a step: {tokens:.0f} guide tokens in {steps:.0f} guided steps")
@@ -234,3 +240,4 @@ def test_guided_rows_beyond_the_step_budget_take_turns_with_their_caches_kept(bu
     while budget_server.metric("alignd_guide_states") != 0:  # the held rows' caches, freed at the end
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    assert budget_server.metric("alignd_guided_rows_waiting") == 0
