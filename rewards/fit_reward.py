@@ -12,9 +12,9 @@ of every prefix (causal attention), so a text costs one forward however many pre
 As transformers and alignd pool, a prefix is scored at its last token that is not padding
 (SmolLM2's pad token is its EOS, `<|im_end|>`): cuts fall on non-pad tokens only.
 
-Fitting: the frozen layers run once (bfloat16); a linear probe (soft-label logistic regression
+Fitting: the frozen layers run once (bfloat16 where the CPU has it natively, else float32); a linear probe (soft-label logistic regression
 by L-BFGS) on the untrained upper layers starts the head; then the upper layers, norm and head
-are fine-tuned with binary cross-entropy on the soft labels (bfloat16 autocast, float32 weights).
+are fine-tuned with binary cross-entropy on the soft labels (the same compute dtype, float32 weights).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-FROZEN = 14  # the base's first 14 decoder layers stay as they are (computed once, bfloat16) ...
+from alignd.rewards import demo_data as d
+
+FROZEN = 14  # the base's first 14 decoder layers stay as they are (computed once) ...
 LAYERS = 20  # ... layers 15..20, the final norm and the head are fitted: a 20-layer reward model
 PROBE_L2 = 1e-5  # the linear probe that starts the head
 FINETUNE = {"epochs": 3, "lr": 1e-4, "head_lr": 1e-3, "tokens_per_batch": 4096}
@@ -194,7 +196,7 @@ def top_hidden(top, states: list[torch.Tensor], idx: list[int]) -> torch.Tensor:
     for row, i in enumerate(idx):
         x[row, : len(states[i])] = states[i].float()
         mask[row, : len(states[i])] = 1
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=d.COMPUTE_DTYPE == torch.bfloat16):
         return top.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
 
 
@@ -222,7 +224,7 @@ def train_top(top, states, positions, targets: list[torch.Tensor], idx_all: list
               seed: int, tokens_per_batch: int = 4096, desc: str = "fine-tuning", head_lr: float | None = None
               ) -> list[float]:
     """Soft-label BCE at every listed position, AdamW (the head at `head_lr`, default 10 x lr),
-    bf16 autocast over float32 weights; returns the mean training loss of each epoch."""
+    float32 weights (bf16 autocast where native); returns the mean training loss of each epoch."""
     from tqdm import tqdm
 
     head = [top.score.weight]
@@ -341,7 +343,6 @@ KINDS = {
 def reward_items(tokenizer, samples: list[dict], seed: int) -> list[dict]:
     """Every text with its prefix cuts: IMDB reviews, RealToxicityPrompts texts and the base
     model's samples; `group` is the source (review or prompt) that decides the split."""
-    from alignd.rewards import demo_data as d
 
     rng = random.Random(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -377,7 +378,6 @@ def flatten(tokenizer, items: list[dict]) -> list[dict]:
 
 def targets(kind: str, items: list[dict], rows: list[dict]) -> torch.Tensor:
     """P(yes) of each row by the real labeller of `kind`."""
-    from alignd.rewards import demo_data as d
 
     texts = [r["text"] for r in rows]
     if kind == "sentiment":
@@ -413,9 +413,9 @@ def build_reward(kind: str, base: Path, samples: list[dict], out: Path, seed: in
     train = [i for i, it in enumerate(items) if not it["heldout"] and it["positions"]]
     held = [i for i, it in enumerate(items) if it["heldout"] and it["positions"]]
 
-    # 1. The frozen layers, once (bfloat16: AMX / AVX-512 matmuls, many times faster than float32 here).
-    bottom = load_backbone(base, FROZEN, torch.bfloat16)
-    states = residual_states(bottom, [it["ids"] for it in items], pad, desc=f"{kind}: layers 1-{FROZEN} (bfloat16)")
+    # 1. The frozen layers, once.
+    bottom = load_backbone(base, FROZEN, d.COMPUTE_DTYPE)
+    states = residual_states(bottom, [it["ids"] for it in items], pad, desc=f"{kind}: layers 1-{FROZEN} ({d.COMPUTE})")
     del bottom
     # 2. A linear probe on the untrained upper layers starts the head.
     top = top_model(base, FROZEN, LAYERS)
@@ -448,7 +448,7 @@ def build_reward(kind: str, base: Path, samples: list[dict], out: Path, seed: in
     n = len(bf16)
     metrics["bf16_vs_float32"] = {"n": n, "pearson": pearson(bf16, score[:n]),
                                   "max_abs_diff": float((bf16 - score[:n]).abs().max())}
-    metrics.update({"frozen_layers": FROZEN, "layers": LAYERS, "finetune": FINETUNE, "probe_l2": PROBE_L2,
+    metrics.update({"compute_dtype": d.COMPUTE, "frozen_layers": FROZEN, "layers": LAYERS, "finetune": FINETUNE, "probe_l2": PROBE_L2,
                     "train_losses": losses, "seed": seed, "train_rows": len(y), "heldout_rows": len(hrows),
                     "train_sources": len({items[i]["group"] for i in train}),
                     "heldout_sources": len({items[i]["group"] for i in held}),
@@ -462,7 +462,6 @@ def evaluate(kind: str, items: list[dict], rows: list[dict], p: torch.Tensor, sc
              vader: bool = True) -> dict:
     """Held-out agreement of the reward (log-odds) with its labeller (and, for sentiment, VADER and
     the IMDB reviews' human labels)."""
-    from alignd.rewards import demo_data as d
 
     whole = torch.tensor([r["whole"] for r in rows])
     src = [r["source"] for r in rows]
@@ -502,7 +501,6 @@ def evaluate(kind: str, items: list[dict], rows: list[dict], p: torch.Tensor, sc
 def model_card(kind: str, base: Path, m: dict, items: list[dict]) -> str:
     from importlib.metadata import version
 
-    from alignd.rewards import demo_data as d
 
     counts = {s: sum(1 for it in items if it["source"] == s) for s in ("imdb", "rtp", "sample")}
     probe = m["linear_probe"]
@@ -530,16 +528,16 @@ def model_card(kind: str, base: Path, m: dict, items: list[dict]) -> str:
         f"{m['train_sources']} training sources ({m['train_rows']} labelled prefixes), {m['heldout_sources']} held "
         f"out ({m['heldout_rows']}).", "",
         "## Steps",
-        f"1. The base's first {m['frozen_layers']} layers (bfloat16) over every text, once.",
+        f"1. The base's first {m['frozen_layers']} layers ({m['compute_dtype']}) over every text, once.",
         f"2. A linear probe on the final-norm states of layers {m['frozen_layers'] + 1}-{m['layers']} (untrained): "
         f"soft-label logistic regression, no intercept, L2 {m['probe_l2']:g}, float64 L-BFGS. It starts the head.",
         f"3. Layers {m['frozen_layers'] + 1}-{m['layers']}, the norm and the head fine-tuned on the soft labels "
         f"(binary cross-entropy at every labelled prefix), AdamW lr {m['finetune']['lr']:g} (head "
         f"{m['finetune']['head_lr']:g}), {m['finetune']['epochs']} epochs, batches of at most "
-        f"{m['finetune']['tokens_per_batch']} tokens, bfloat16 autocast over float32 weights. Training loss by epoch: "
+        f"{m['finetune']['tokens_per_batch']} tokens, {m['compute_dtype']} compute over float32 weights. Training loss by epoch: "
         + ", ".join(f"{x:.4f}" for x in m["train_losses"]) + ".",
         "4. Saved as float32 safetensors with the base tokenizer.",
-        "5. Held-out metrics below from this folder's own float32 outputs (bfloat16 training-time outputs "
+        f"5. Held-out metrics below from this folder's own float32 outputs ({m['compute_dtype']} training-time outputs "
         f"against them on {m['bf16_vs_float32']['n']} held-out prefixes: Pearson "
         f"{fmt(m['bf16_vs_float32']['pearson'], 4)}, largest difference {fmt(m['bf16_vs_float32']['max_abs_diff'])}).",
         "", "## Held-out evaluation", "| | this model | linear probe (step 2) |", "|---|---|---|",

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from alignd.rewards import vllm_sampling
+from alignd.rewards.vllm_sampling import prompt_seed
 from alignd.rewards.specs import GuideError, parse_named, same_vocab
 
 log = logging.getLogger("alignd.train_value")
@@ -156,11 +158,6 @@ def stop_ids(model_path: str, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def prompt_seed(seed: int, index: int) -> int:
-    # One seed per prompt: a prompt's samples do not depend on batching or on where a run stopped.
-    return (seed * 1_000_003 + index) % (2**31 - 1)
-
-
 def read_jsonl(path: Path) -> list[dict]:
     """Complete lines only: a run killed mid-write leaves a partial last line, dropped here."""
     if not path.exists():
@@ -234,54 +231,6 @@ def sample_hf(model_path: str, prompts: list[list[int]], start: int, args, devic
         append_jsonl(out, rows)
 
 
-def sample_vllm(model_path: str, prompts: list[list[int]], start: int, args, out: Path) -> None:
-    """vLLM's offline engine (fast on a GPU), in a child process: vLLM changes the process it
-    runs in (environment, LD_PRELOAD, NUMA memory binding on CPU) and frees GPU memory only on
-    exit, and V trains in this process next. Spawned, as vLLM requires: a script calling this
-    needs an `if __name__ == "__main__":` guard (the alignd CLI has one)."""
-    import multiprocessing
-
-    settings = {k: getattr(args, k) for k in ("samples_per_prompt", "temperature", "max_tokens", "seed", "dtype")}
-    proc = multiprocessing.get_context("spawn").Process(
-        target=_vllm_sampling, args=(model_path, prompts, start, settings, str(out))
-    )
-    proc.start()
-    proc.join()
-    if proc.exitcode != 0:
-        raise GuideError(f"sampling with vLLM failed (exit status {proc.exitcode}); see its log above. "
-                         "The samples written so far are kept; --sampler hf avoids vLLM")
-
-
-def _vllm_sampling(model_path: str, prompts: list[list[int]], start: int, s: dict, out: str) -> None:
-    """The child process of sample_vllm. Per-prompt seeds make it reproducible; written in
-    chunks so that an interrupted run loses at most one chunk."""
-    from tqdm import tqdm
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; only read by the CPU build
-    longest = max(len(p) for p in prompts) + s["max_tokens"]
-    llm = LLM(model=model_path, seed=s["seed"], dtype=s["dtype"], max_model_len=longest)
-    chunk = 256
-    try:
-        with tqdm(total=len(prompts), initial=start, desc="sampling", unit="prompt") as bar:
-            for lo in range(start, len(prompts), chunk):
-                idx = list(range(lo, min(lo + chunk, len(prompts))))
-                params = [SamplingParams(n=s["samples_per_prompt"], temperature=s["temperature"], top_p=1.0,
-                                         top_k=0, max_tokens=s["max_tokens"], seed=prompt_seed(s["seed"], i))
-                          for i in idx]
-                outs = llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in idx], params,
-                                    use_tqdm=False)
-                rows = [{"prompt": i, "sample": j, "prompt_ids": prompts[i], "completion_ids": list(c.token_ids)}
-                        for i, o in zip(idx, outs) for j, c in enumerate(o.outputs)]
-                append_jsonl(Path(out), rows)
-                bar.update(len(idx))
-    finally:
-        # A multiprocessing child skips atexit, where vLLM stops its engine process: without
-        # this the child waits for that process forever.
-        llm.llm_engine.engine_core.shutdown()
-
-
 def sample(args, tokenizer, prompts: list[list[int]], out_dir: Path, device: torch.device) -> list[dict]:
     path = out_dir / SAMPLES
     rows = read_jsonl(path)
@@ -303,7 +252,9 @@ def sample(args, tokenizer, prompts: list[list[int]], out_dir: Path, device: tor
              "resumed" if start else "started")
     t0 = time.perf_counter()
     if sampler == "vllm":
-        sample_vllm(args.model, prompts, start, args, path)
+        job = vllm_sampling.Job(prompts, [prompt_seed(args.seed, i) for i in range(len(prompts))],
+                                args.samples_per_prompt, args.temperature, args.max_tokens, start)
+        vllm_sampling.sample(args.model, [job], path, args.dtype)
     else:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         sample_hf(args.model, prompts, start, args, device, stop_ids(args.model, tokenizer), pad or 0, path)

@@ -15,8 +15,10 @@ from typing import Any
 
 from transformers import AutoTokenizer
 from vllm import SamplingParams
+from vllm.config import SchedulerConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import RequestOutput
+from vllm.platforms import current_platform
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
@@ -27,6 +29,14 @@ from alignd.rewards.specs import GuideConfig, Route
 from alignd.server.config import ServeSettings
 
 log = logging.getLogger("alignd.server")
+
+
+def whole_prefills(scheduler: SchedulerConfig, max_model_len: int) -> None:
+    """vLLM's CPU build kills the engine when a seeded request's prompt is prefilled over several
+    steps (it rewinds the request's random generator, which a CPU generator cannot do): prefill
+    each prompt in one step instead, as the CPU platform itself does for MLA models."""
+    scheduler.enable_chunked_prefill = False
+    scheduler.max_num_batched_tokens = max(scheduler.max_num_batched_tokens, max_model_len)
 
 
 class Engine:
@@ -70,6 +80,8 @@ class Engine:
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         args = self.engine_args()
         config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        if current_platform.is_cpu():
+            whole_prefills(config.scheduler_config, config.model_config.max_model_len)
         # vLLM's own scheduler (async or not, as vLLM chose), with the guide budget mixed in.
         config.scheduler_config.scheduler_cls = (
             GuideBudgetAsyncScheduler if config.scheduler_config.async_scheduling else GuideBudgetScheduler

@@ -241,3 +241,23 @@ def test_guided_rows_beyond_the_step_budget_take_turns_with_their_caches_kept(bu
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert budget_server.metric("alignd_guided_rows_waiting") == 0
+
+
+def test_seeded_prompts_longer_than_one_steps_token_budget_do_not_kill_the_engine(hostile_server):
+    """vLLM's CPU build dies when a seeded request's prefill is split over steps (it rewinds the
+    request's random generator, which CPU generators cannot do): six seeded prompts of about 470 tokens in
+    one request need more than a step's 2,048 tokens. The server must answer it, and the
+    seed must still fix the samples."""
+    words = "the movie was a good story with numbers one two and we went to the sea ".split()
+    prompts = [" ".join(words[(i + k) % len(words)] for k in range(270)) for i in range(6)]
+    payload = {"model": hostile_server.model, "prompt": prompts, "max_tokens": 4, "temperature": 1.0, "seed": 7,
+               "return_token_ids": True}
+    with hostile_server.http() as http:
+        first = http.post("/v1/completions", json=payload)
+        assert first.status_code == 200, first.text
+        assert len(first.json()["choices"]) == 6
+        again = http.post("/v1/completions", json=payload)
+        assert again.status_code == 200, again.text
+        assert http.get("/health").status_code == 200
+    tokens = lambda r: [c["token_ids"] for c in r.json()["choices"]]  # noqa: E731
+    assert tokens(first) == tokens(again)
