@@ -131,7 +131,7 @@ async def one_request(http: httpx.AsyncClient, model: str, kind: str, alignment:
 
 
 async def run_phase(url: str, model: str, kinds: dict[str, dict | None], phase: Phase, clients: int,
-                    max_tokens: int, disconnect: float, seed: int) -> None:
+                    max_tokens: int, disconnect: float, seed: int, request_timeout: float) -> None:
     deadline = time.perf_counter() + phase.seconds
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
 
@@ -146,7 +146,7 @@ async def run_phase(url: str, model: str, kinds: dict[str, dict | None], phase: 
             if outcome.status in (429, 503):
                 await asyncio.sleep(0.5)
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, verify=False,
+    async with httpx.AsyncClient(base_url=url, timeout=request_timeout, limits=limits, verify=False,
                                  headers={"Authorization": f"Bearer {os.environ.get('ALIGND_API_KEY', 'unused')}"}) as http:
         await asyncio.gather(*(client(i, http) for i in range(clients)))
 
@@ -167,7 +167,7 @@ def drained(url: str, timeout: float) -> dict[str, float]:
         m = metrics(url)
         held = {k: m.get(k, 0.0) for k in ("alignd_requests_in_flight", "alignd_samples_in_flight",
                                            "alignd_guide_states", "alignd_guide_budget_in_use",
-                                           "alignd_guide_budget_waiting")}
+                                           "alignd_guide_budget_waiting", "alignd_guided_rows_waiting")}
         if not any(held.values()) or time.monotonic() > deadline:
             return held
         time.sleep(0.5)
@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain-seconds", type=float, default=60)
     p.add_argument("--mixed-seconds", type=float, default=120)
     p.add_argument("--drain-timeout", type=float, default=120)
+    p.add_argument("--request-timeout", type=float, default=1800, help="seconds a client waits for an answer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the raw result here")
     p.add_argument("--out", type=Path, help="write the markdown report here")
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             phase_kinds = {"plain": None} if phase.name == "plain" else kinds
             print(f"bench: {phase.name}: {args.clients} clients for {phase.seconds:g} s", flush=True)
             asyncio.run(run_phase(url, model, phase_kinds, phase, args.clients, args.max_tokens,
-                                  0.0 if phase.name == "warm-up" else args.disconnect, args.seed))
+                                  0.0 if phase.name == "warm-up" else args.disconnect, args.seed, args.request_timeout))
             if phase.name == "warm-up":
                 drained(url, args.drain_timeout)
                 rss_start = rss(pid)
