@@ -262,7 +262,10 @@ def report(args, result: dict) -> str:
               f"- phases: warm-up {args.warmup_seconds:g} s (mixed, not counted), plain {args.plain_seconds:g} s "
               f"(plain requests only), mixed {args.mixed_seconds:g} s (each kind an equal share: "
               f"{', '.join(result['kinds'])})",
-              f"- request kinds: `{json.dumps(result['kinds'])}`", "", "## Results", ""]
+              f"- request kinds: `{json.dumps(result['kinds'])}`", ""]
+    if args.config:
+        lines += ["The server's config:", "", "```yaml", args.config.read_text().strip(), "```", ""]
+    lines += ["## Results", ""]
     head = ("| phase | kind | requests | req/s | completed | went away | p50 s | p99 s | TTFT p50 s | TTFT p99 s "
             "| statuses |")
     lines += [head, "|" + "---|" * 11]

@@ -51,6 +51,7 @@ class Engine:
         self.max_model_len = 0
         self.dead = asyncio.Event()
         self._stats: dict[str, Any] | None = None
+        self._stats_call: asyncio.Future | None = None
 
     def engine_args(self) -> AsyncEngineArgs:
         s = self.settings
@@ -167,11 +168,18 @@ class Engine:
         return {"rewards": rewards, "failed": failed, "notes": await self.rpc("alignd_take_notes", request_id)}
 
     async def stats(self, timeout: float = 1.0) -> dict[str, Any] | None:
-        """The worker's guide statistics, or the last ones read if it does not answer quickly."""
-        try:
-            self._stats = await self.rpc("alignd_stats", timeout=timeout)
-        except (EngineDeadError, TimeoutError):
-            pass
+        """The worker's guide statistics, or the last ones read if it does not answer quickly.
+        One call at a time: a call that outlasts `timeout` (the worker answers between steps, and
+        a step may take longer) is left running and read by a later one."""
+        if self._stats_call is None and self.alive:
+            self._stats_call = asyncio.ensure_future(self.llm.collective_rpc("alignd_stats"))
+        call = self._stats_call
+        if call is not None:
+            await asyncio.wait({call}, timeout=timeout)
+            if call.done():
+                self._stats_call = None
+                if not call.cancelled() and call.exception() is None:
+                    self._stats = call.result()[0]
         return self._stats
 
     @property
