@@ -216,8 +216,8 @@ PROMPTS = ["the movie was", "what a lovely day", "the service at the", "we went 
 
 def test_guided_rows_beyond_the_step_budget_take_turns_with_their_caches_kept(budget_server):
     """Eight ARGS rows of 4 guide tokens each, on an engine that runs 24 a step on average: the
-    scheduler holds some out of each step, a held row keeps its guide caches, and every request
-    decodes token for token as when alone."""
+    scheduler holds some out of each step (and new requests in its waiting queue), a held row
+    keeps its guide caches, and every request decodes token for token as when alone."""
     alignment = {"decoder": "args", "rewards": {"a": 1.0}, "top_k": 4}
     solo = [complete(budget_server, p, alignment, max_tokens=24) for p in PROMPTS]
     steps, tokens = (budget_server.metric(f"alignd_{m}") for m in ("guided_steps", "guide_tokens"))
@@ -230,6 +230,9 @@ def test_guided_rows_beyond_the_step_budget_take_turns_with_their_caches_kept(bu
         together = [r.result() for r in runs]
     assert together == solo
     assert max(held) >= 1  # the metric shows the rows the budget held out
+    # New requests start by turns too: no step ran more than the budget, though the eight
+    # requests' first steps (4 + their prompt each) together cost several times it.
+    assert budget_server.metric("alignd_max_step_guide_tokens") <= 24
     steps = budget_server.metric("alignd_guided_steps") - steps
     tokens = budget_server.metric("alignd_guide_tokens") - tokens
     print(f"8 guided rows, budget 24 a step: {tokens:.0f} guide tokens in {steps:.0f} guided steps")
