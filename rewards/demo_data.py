@@ -124,11 +124,9 @@ def vader(texts: list[str]) -> list[float]:
 
 # -- sampling the base model -----------------------------------------------------------------------
 def load_lm(path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    model.generation_config = GenerationConfig()  # the plain distribution, whatever the folder says
-    return model
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 # -- the shared sample set ---------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shlex
 import shutil
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 
 from alignd.rewards import vllm_sampling
-from alignd.rewards.vllm_sampling import prompt_seed
+from alignd.rewards.vllm_sampling import append_jsonl, prompt_seed
 from alignd.rewards.specs import GuideError, parse_named, same_vocab
 
 log = logging.getLogger("alignd.train_value")
@@ -173,13 +172,6 @@ def read_jsonl(path: Path) -> list[dict]:
         with path.open("r+b") as f:
             f.truncate(keep)
     return rows
-
-
-def append_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def finite_or_none(value: Any) -> Any:

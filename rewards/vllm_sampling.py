@@ -35,6 +35,14 @@ class Job:
     start: int = 0
 
 
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    """Append rows as JSON lines, synced: a killed run keeps all it wrote but a partial last line."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def prompt_seed(seed: int, index: int) -> int:
     # One seed per prompt: a prompt's samples do not depend on batching or on where a run stopped.
     return (seed * 1_000_003 + index) % (2**31 - 1)
@@ -90,10 +98,7 @@ def _sample_in_child(model: str, jobs: list[dict], out: str, dtype: str, desc: s
                     rows = [{"job": k, "prompt": i, "sample": j, "prompt_ids": prompts[i],
                              "completion_ids": list(c.token_ids)}
                             for i, o in zip(idx, outs) for j, c in enumerate(o.outputs)]
-                    with open(out, "a", encoding="utf-8") as f:
-                        f.write("".join(json.dumps(r) + "\n" for r in rows))
-                        f.flush()
-                        os.fsync(f.fileno())
+                    append_jsonl(Path(out), rows)
                     bar.update(len(idx))
     finally:
         # A multiprocessing child skips atexit, where vLLM stops its engine process: without
