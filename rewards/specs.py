@@ -39,6 +39,11 @@ class GuideConfig(BaseModel):
     baseline: str | None = None
     text_reward_timeout: float = 2.0  # seconds a py: reward may take for one row's texts
     guide_step_budget: int = 0  # guide tokens per engine step, on average (decoders/scheduler.py); 0: no budget
+    guide_time_share: float = 0.0  # guided seconds per plain step second while plain rows run; 0: tokens only
+    routes: dict[str, Route] = Field(default_factory=dict)  # "kind/name" -> how it runs (for costs)
+
+    def route_map(self) -> dict[tuple[str, str], Route]:
+        return {tuple(key.split("/", 1)): route for key, route in self.routes.items()}
 
 
 def parse_named(item: str, flag: str) -> tuple[str, str]:

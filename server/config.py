@@ -41,6 +41,10 @@ class ServeSettings(BaseSettings):
         8192, ge=1, description="guide tokens per engine step, on average, of all guided sequences: "
         "beyond it they take turns (plain sequences never wait for them)"
     )
+    guide_time_share: float = Field(
+        1.0, ge=0, description="while plain sequences run, the guided work of a step may take this share of "
+        "the step's time without it, on average (measured as the server runs); 0: the token budget alone"
+    )
     max_guide_tokens_in_flight: int = Field(
         32768, ge=1, description="guide tokens per step of all guided requests running at once: beyond "
         "it requests wait for room (a request that alone exceeds it gets HTTP 400)"

@@ -58,6 +58,8 @@ class Engine:
         guides = GuideConfig(
             model=s.model, rewards=s.rewards, values=s.values, reference=s.reference, baseline=s.baseline,
             text_reward_timeout=s.text_reward_timeout, guide_step_budget=s.guide_step_budget,
+            guide_time_share=s.guide_time_share,
+            routes={f"{kind}/{name}": route for (kind, name), route in self.routes.items()},
         )
         return AsyncEngineArgs(
             model=s.model,

@@ -164,8 +164,8 @@ def hostile_server(tiny, tmp_path_factory):
 @pytest.fixture(scope="session")
 def budget_server(tiny, tmp_path_factory):
     """A server whose engine may run only 24 guide tokens a step (an ARGS row with top_k 4 and
-    one reward costs 4): guided rows take turns."""
+    one reward costs 4): guided rows take turns. Its `slow` text reward costs 50 ms a call."""
     config = {"model": str(tiny["base"]), "served_model_name": "tiny", "dtype": "float32",
               "max_model_len": 256, "max_num_seqs": 32, "guide_step_budget": 24,
-              "rewards": {"a": str(tiny["rm_a"])}}
+              "rewards": {"a": str(tiny["rm_a"]), "slow": "py:tests.rules:slow_vowels"}}
     yield from start_server(config, tmp_path_factory.mktemp("budget"))

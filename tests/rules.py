@@ -22,3 +22,11 @@ def moody(texts: list[str]) -> list[float]:
             time.sleep(30.0)
     out = vowel_share(texts)
     return [float("nan") if "§nan" in t else 1e300 if "§huge" in t else x for t, x in zip(texts, out)]
+
+
+def slow_vowels(texts: list[str]) -> list[float]:
+    """vowel_share after 50 ms: a text reward far slower per guide token than the tiny model's step."""
+    import time
+
+    time.sleep(0.05)
+    return vowel_share(texts)

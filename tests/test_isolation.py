@@ -246,6 +246,33 @@ def test_guided_rows_beyond_the_step_budget_take_turns_with_their_caches_kept(bu
     assert budget_server.metric("alignd_guided_rows_waiting") == 0
 
 
+def test_guided_work_is_held_to_its_time_share_while_plain_requests_run(budget_server):
+    """A text reward of 50 ms a call makes a guided step several times a plain one on the tiny
+    model, though it costs only 2 guide tokens of the 24 a step may run. Alone, the guided row
+    runs in every step; beside a plain request the scheduler times its steps and lets it in only
+    for about as long as the plain steps take (guide_time_share 1): the plain request's steps
+    mostly run without it."""
+    alignment = {"decoder": "args", "rewards": {"slow": 1.0}, "top_k": 2}
+    guided = Stream(budget_server, {"model": budget_server.model, "prompt": PROMPTS[0], "max_tokens": 120,
+                                    "min_tokens": 120, "temperature": 0, "alignment": alignment})
+    start = budget_server.metric("alignd_guided_steps")
+    deadline = time.monotonic() + 60
+    while budget_server.metric("alignd_guided_steps") < start + 5:  # it runs alone now, in every step
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    before = budget_server.metric("alignd_guided_steps")
+    plain = complete(budget_server, PROMPTS[1], max_tokens=128, min_tokens=128)
+    during = budget_server.metric("alignd_guided_steps") - before
+    events = guided.join()
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(plain["token_ids"]) == 128
+    print(f"guided steps during 128 plain ones: {during:.0f}")
+    # Every step would be guided without the share; with it, the first 16 (while the timing
+    # learns what the guide costs: ~4 ms steps, ~26 ms a guide token here) and then about one
+    # in thirteen.
+    assert during < 64
+
+
 def test_seeded_prompts_longer_than_one_steps_token_budget_do_not_kill_the_engine(hostile_server):
     """vLLM's CPU build dies when a seeded request's prefill is split over steps (it rewinds the
     request's random generator, which CPU generators cannot do): six seeded prompts of about 470 tokens in
