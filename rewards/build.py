@@ -143,6 +143,12 @@ LEGACY_CONFIG = {  # what builds before the demo reward models wrote: replaced, 
 }
 
 
+def gpu_host() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def serve_config(base: Path, models: dict[str, Path | None]) -> tuple[dict, str, str]:
     """serve.yaml's content for what exists: the config, what is served, and why."""
     aligned = models.get(ALIGNED)
@@ -155,6 +161,10 @@ def serve_config(base: Path, models: dict[str, Path | None]) -> tuple[dict, str,
         "max_model_len": 2048,
         "rewards": {},
     }
+    if not gpu_host():
+        # On CPU cores a guide token takes ~20 ms (SmolLM2 guides, two AVX2 cores): 96 keeps a
+        # step with only guided rows (where no time share applies) within about two seconds.
+        config["guide_step_budget"] = 96
     for name, step in (("sentiment", RM_SENTIMENT), ("nontoxic", RM_NONTOXIC)):
         if models.get(step):
             config["rewards"][name] = str(models[step].resolve())

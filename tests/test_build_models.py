@@ -202,6 +202,8 @@ def test_serve_config_serves_the_aligned_model_with_the_base_as_reference(tmp_pa
                                  "nontoxic_svm": "py:alignd.rewards.text_rewards:nontoxic"}
     assert config["values"] == {"sentiment": str(models[build.VALUE])}
     assert config["dtype"] == "float32" and config["max_model_len"] == 2048
+    # Without a GPU, a step budget sized for CPU cores (the default suits a GPU).
+    assert config.get("guide_step_budget") == (None if build.gpu_host() else 96)
     bare, _, _ = build.serve_config(base, {})
     assert bare["model"] == str(base) and "reference" not in bare and "values" not in bare
     assert bare["rewards"] == {"sentiment": "py:alignd.rewards.text_rewards:sentiment",
