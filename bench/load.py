@@ -12,8 +12,10 @@ Three phases, each with the same number of clients, each client sending one requ
 other: a short warm-up (mixed, not counted), `plain` (plain requests only: the baseline), and
 `mixed` (every decoder and plain requests, in equal shares). In both counted phases a share of
 requests (`--disconnect`, 20 %) goes away early: a stream after its first event, a whole
-response after a random fraction of a second. At the end it waits for the server to drain and
-reads what it still holds.
+response after a random fraction of a second. With `--cut-after S`, the clients give up the
+requests still running S seconds after a phase ends (where guided requests queue for longer than
+a phase lasts, as on a few CPU cores). At the end it waits for the server to drain and reads
+what it still holds.
 
 Reported per phase and request kind: requests/s, latency p50/p99, time to first token p50/p99
 (streams), statuses; the guide states, requests and sequences still held after the drain; the
@@ -130,9 +132,15 @@ async def one_request(http: httpx.AsyncClient, model: str, kind: str, alignment:
     return Outcome(kind, stream, status, time.perf_counter() - started, ttft, gone)
 
 
+# Status of a request its client gave up at the end of the phase (--cut-after).
+CUT = 0
+
+
 async def run_phase(url: str, model: str, kinds: dict[str, dict | None], phase: Phase, clients: int,
-                    max_tokens: int, disconnect: float, seed: int, request_timeout: float) -> None:
+                    max_tokens: int, disconnect: float, seed: int, request_timeout: float,
+                    cut_after: float | None) -> None:
     deadline = time.perf_counter() + phase.seconds
+    cut_at = None if cut_after is None else deadline + cut_after
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
 
     async def client(i: int, http: httpx.AsyncClient) -> None:
@@ -140,7 +148,12 @@ async def run_phase(url: str, model: str, kinds: dict[str, dict | None], phase: 
         names = list(kinds)
         while time.perf_counter() < deadline:
             kind = rng.choice(names)
-            outcome = await one_request(http, model, kind, kinds[kind], max_tokens, rng, disconnect)
+            request = one_request(http, model, kind, kinds[kind], max_tokens, rng, disconnect)
+            started = time.perf_counter()
+            try:
+                outcome = await asyncio.wait_for(request, None if cut_at is None else max(0.0, cut_at - started))
+            except TimeoutError:
+                outcome = Outcome(kind, False, CUT, time.perf_counter() - started, None, True)
             outcome.phase = phase.name
             phase.outcomes.append(outcome)
             if outcome.status in (429, 503):
@@ -224,7 +237,7 @@ def summarize(phase: Phase) -> dict[str, dict]:
             statuses[str(o.status)] += 1
         table[kind] = {
             "requests": len(outs), "per_s": len(outs) / phase.seconds, "completed": len(done),
-            "went_away": sum(o.gone for o in outs),
+            "went_away": sum(o.gone and o.status != CUT for o in outs), "cut": sum(o.status == CUT for o in outs),
             "p50_s": quantile(lat, 0.5), "p99_s": quantile(lat, 0.99),
             "ttft_p50_s": quantile(ttft, 0.5), "ttft_p99_s": quantile(ttft, 0.99),
             "statuses": dict(sorted(statuses.items())),
@@ -262,13 +275,17 @@ def report(args, result: dict) -> str:
               f"- phases: warm-up {args.warmup_seconds:g} s (mixed, not counted), plain {args.plain_seconds:g} s "
               f"(plain requests only), mixed {args.mixed_seconds:g} s (each kind an equal share: "
               f"{', '.join(result['kinds'])})",
-              f"- request kinds: `{json.dumps(result['kinds'])}`", ""]
+              f"- request kinds: `{json.dumps(result['kinds'])}`"]
+    if args.cut_after is not None:
+        lines.append(f"- requests still running {args.cut_after:g} s after a phase's end are given up by their "
+                     "clients (\"cut at end\", status 0): the server must cancel them and free what they held")
+    lines.append("")
     if args.config:
         lines += ["The server's config:", "", "```yaml", args.config.read_text().strip(), "```", ""]
     lines += ["## Results", ""]
-    head = ("| phase | kind | requests | req/s | completed | went away | p50 s | p99 s | TTFT p50 s | TTFT p99 s "
-            "| statuses |")
-    lines += [head, "|" + "---|" * 11]
+    head = ("| phase | kind | requests | req/s | completed | went away | cut at end | p50 s | p99 s | TTFT p50 s "
+            "| TTFT p99 s | statuses |")
+    lines += [head, "|" + "---|" * 12]
 
     def f(x):
         return "-" if x is None else f"{x:.2f}"
@@ -276,7 +293,7 @@ def report(args, result: dict) -> str:
     for phase, table in result["phases"].items():
         for kind, row in table.items():
             lines.append(f"| {phase} | {kind} | {row['requests']} | {row['per_s']:.2f} | {row['completed']} | "
-                         f"{row['went_away']} | {f(row['p50_s'])} | {f(row['p99_s'])} | {f(row['ttft_p50_s'])} | "
+                         f"{row['went_away']} | {row['cut']} | {f(row['p50_s'])} | {f(row['p99_s'])} | {f(row['ttft_p50_s'])} | "
                          f"{f(row['ttft_p99_s'])} | {json.dumps(row['statuses'])} |")
     lines += ["", f"- server errors (5xx, and 599 = no answer): {result['server_errors']}",
               f"- held after the drain: {json.dumps(result['held'])}",
@@ -308,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mixed-seconds", type=float, default=120)
     p.add_argument("--drain-timeout", type=float, default=120)
     p.add_argument("--request-timeout", type=float, default=1800, help="seconds a client waits for an answer")
+    p.add_argument("--cut-after", type=float, default=None,
+                   help="seconds after a phase's end when clients give up the requests still running "
+                        "(status 0, 'cut at end'; the server must cancel them); default: wait")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the raw result here")
     p.add_argument("--out", type=Path, help="write the markdown report here")
@@ -334,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             phase_kinds = {"plain": None} if phase.name == "plain" else kinds
             print(f"bench: {phase.name}: {args.clients} clients for {phase.seconds:g} s", flush=True)
             asyncio.run(run_phase(url, model, phase_kinds, phase, args.clients, args.max_tokens,
-                                  0.0 if phase.name == "warm-up" else args.disconnect, args.seed, args.request_timeout))
+                                  0.0 if phase.name == "warm-up" else args.disconnect, args.seed, args.request_timeout,
+                                  args.cut_after))
             if phase.name == "warm-up":
                 drained(url, args.drain_timeout)
                 rss_start = rss(pid)
@@ -357,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "kinds": kinds,
         "phases": tables,
         "server_errors": sum(o.status >= 500 for o in counted),
+        "cut_after_s": args.cut_after,
         "held": held,
         "plain_p99_ratio": beside / alone if alone and beside else None,
         "rss_start": rss_start,
