@@ -29,7 +29,7 @@ per row, transformers `generate` of the k rollouts from [s, v] with the prompt p
 then the reward model over the k whole texts; timed in the worker with the same loaded models.
 
 Models are built into the cache folder (never into git) when missing: the base (SmolLM2-135M-
-Instruct, alignd.rewards.build), the reward model (base backbone + seeded random head), the value
+Instruct, alignd.training.build), the reward model (base backbone + seeded random head), the value
 model (the base's first 8 layers + seeded random head) and the reference (a copy of the base).
 Timings depend only on shapes, so random heads do not matter.
 """

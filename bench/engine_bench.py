@@ -90,7 +90,7 @@ def make_prompts(tokenizer, rows: int, length: int) -> list[list[int]]:
 def ensure_base(base: str | None, cache: Path) -> Path:
     if base:
         return Path(base).expanduser()
-    from alignd.rewards.build import build_model
+    from alignd.training.build import build_model
 
     cache.mkdir(parents=True, exist_ok=True)
     return build_model(cache)

@@ -27,7 +27,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from alignd.decoders.params import AlignmentParams
 from alignd.server import generate, metrics
-from alignd.server.admission import Admission, Cost
+from alignd.server.admission import Admission
 from alignd.server.config import ServeSettings
 from alignd.server.engine import Engine
 from alignd.server.errors import HTTPError, error_json, install, validation_message

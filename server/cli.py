@@ -8,7 +8,6 @@ import signal
 import sys
 from pathlib import Path
 
-from alignd.rewards import train_value
 from alignd.rewards.specs import GuideError, Route, parse_named
 
 
@@ -124,10 +123,16 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-value"]:  # the model factory, imported only for its own commands
+        from alignd.training import train_value
+
+        return train_value.main(argv[1:])
     parser = argparse.ArgumentParser(prog="alignd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve_parser(sub)
-    train_value.add_parser(sub)
+    sub.add_parser("train-value", help="train a VAS value model on samples of the base model scored by "
+                   "rewards (alignd train-value --help)")
     models = sub.add_parser("models", help="build the offline demo models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     build = models_sub.add_parser("build", help="build the demo models into a cache folder")
@@ -135,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    if args.command == "train-value":
-        return train_value.run(args)
-    from alignd.rewards.build import build as build_models
+    from alignd.training.build import build as build_models
 
     build_models(args.cache)
     return 0

