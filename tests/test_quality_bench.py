@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-from quality import metrics, stats  # noqa: E402
-from quality.prompts import task_prompts  # noqa: E402
+from bench.quality import metrics, stats
+from bench.quality.prompts import task_prompts
 
 
 def test_paired_bootstrap_interval_covers_the_mean_and_shrinks_with_agreement():

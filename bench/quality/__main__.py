@@ -1,12 +1,9 @@
-"""`python bench/quality ...`: the alignment-quality benchmark (see bench/quality/cli.py)."""
+"""`python -m bench.quality ...` (from the repository root): the alignment-quality benchmark
+(see bench/quality/cli.py)."""
 
 import sys
-from pathlib import Path
 
-# Run as a folder: make `quality` importable as a package (bench/ is not one).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from quality.cli import main  # noqa: E402
+from bench.quality.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import yaml
 
-from quality import methods as M
-from quality.prompts import task_prompts
-from quality.runner import RESULT_VERSION, read_json, run_key, spawn_group, write_json
+from bench.quality import methods as M
+from bench.quality.prompts import task_prompts
+from bench.quality.runner import RESULT_VERSION, read_json, run_key, spawn_group, write_json
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -43,7 +43,7 @@ TEXT_REWARDS = {"sentiment": "py:alignd.rewards.text_rewards:sentiment",
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/quality", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=Path("~/.cache/alignd/serve.yaml"),
                    help="the server config naming the base model, rewards, values, reference (default: "
@@ -208,7 +208,7 @@ SCORE_VERSION = 1
 
 def score(args, runs: list[dict], prompts: dict, work: Path) -> dict:
     from alignd.training import demo_data  # the labellers and VADER, as the model build uses them
-    from quality import metrics
+    from bench.quality import metrics
 
     judge = None
     scores = {}
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     if not args.skip_generation:
         generate(args, models, runs)
     scores = score(args, runs, prompts, work)
-    from quality import report
+    from bench.quality import report
 
     elapsed = time.perf_counter() - started
     text = report.build(args, models, tasks, prompts, runs, scores, elapsed, argv if argv is not None else sys.argv[1:])

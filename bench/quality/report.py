@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quality import stats
-from quality.methods import FAMILIES
+from bench.quality import stats
+from bench.quality.methods import FAMILIES
 
 HELDOUT_NAME = {"sentiment": "VADER compound", "detox": "clean (no Surge-list term)"}
 LABELLER_NAME = {"sentiment": "spaCy P(pos)", "detox": "profanity-check P(off)"}
@@ -281,7 +281,7 @@ def plots(summary: dict, out_dir: Path, stem: str) -> list[tuple[str, str]]:
 # -- the report ----------------------------------------------------------------------------------
 def machine() -> dict:
     import torch
-    from engine_bench import machine_description  # bench/ is on sys.path (see __main__.py)
+    from bench.engine_bench import machine_description
 
     return machine_description("cuda" if torch.cuda.is_available() else "cpu")
 
