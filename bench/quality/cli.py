@@ -1,7 +1,7 @@
 """alignd quality benchmark: guided decoders on real prompts, scored by guided and held-out measures.
 
-    .venv/bin/python bench/quality --out bench/results/quality.md            # the full run
-    .venv/bin/python bench/quality --prompts 4 --methods greedy args --max-tokens 8   # a smoke run
+    .venv/bin/python -m bench.quality --out bench/results/quality.md            # the full run
+    .venv/bin/python -m bench.quality --prompts 4 --methods greedy args --max-tokens 8   # a smoke run
 
 Tasks:
   sentiment  negative IMDB review openings (first 8 words) -> steer the continuation positive;

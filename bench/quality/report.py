@@ -352,7 +352,7 @@ def write(args, text: dict, scores: dict, tasks: dict) -> None:
     figs = plots(summary, out.parent, stem)
     mach = machine()
     dates = sorted({r["date"] for rows in summary.values() for r in rows.values()})
-    cmd = "python bench/quality " + " ".join(text["argv"])
+    cmd = "python -m bench.quality " + " ".join(text["argv"])
     L = ["# Alignment quality of alignd's decoders on real prompts",
          "",
          f"Command: `{cmd}`  ",
