@@ -173,8 +173,7 @@ class GuideBudget:
         """Let guided sequences into this step in turn order; returns their guide tokens."""
         self.alignments = {r.request_id: self.alignments[r.request_id]
                            for r in chain(self.running, self.waiting) if r.request_id in self.alignments}
-        costs = [(r, self._guide_cost(r)) for r in self.running]
-        running = [(r, c, False) for r, c in costs if c > 0]
+        running = [(r, c, False) for r in self.running if (c := self._guide_cost(r)) > 0]
         new = [(r, c, True) for r in self.waiting if (c := self._first_step_cost(r)) > 0]
         guided = running + new
         # A new request's turn counts from its arrival.
@@ -186,7 +185,8 @@ class GuideBudget:
             self.guide_credit = 0.0
             return 0.0
         guided.sort(key=lambda g: self.guided_turn[g[0].request_id])
-        plain = any(c == 0 for _, c in costs) or any(self._guide_cost(r) == 0 for r in self.waiting)
+        # Rows that did not make the guided lists are plain, running or about to start.
+        plain = len(running) < len(self.running) or len(new) < len(self.waiting)
         credit = self.step_credit(plain_running=plain)
         if credit is not None:
             cap = max(credit, max(c for _, c, _ in guided))

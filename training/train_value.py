@@ -89,7 +89,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The flags of this run as a shell line, for the log and the model card."""
     parts = ["alignd", "train-value"]
     for key, value in vars(args).items():
-        if key in ("command", "func") or value is None or value == []:
+        if value is None or value == []:
             continue
         flag = "--" + key.replace("_", "-")
         for v in value if isinstance(value, list) else [value]:
