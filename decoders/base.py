@@ -2,7 +2,8 @@
 
 A decoder is a function `step(guides, rows, seqs, logits) -> logits` over the rows of one
 decoding step that use it; `logits` holds only those rows ([n, vocab], float32) and the result
-replaces them before the engine's own temperature and sampling.
+replaces them before the engine's own temperature and sampling. `guides` is the contract of
+decoders/guides.py, so a decoder runs the same on the engine's guide runtime and in a unit test.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from alignd.decoders.params import AlignmentParams
-from alignd.rewards.runtime import GuideRuntime, Key, Kind
-from alignd.rewards.scorers import RowFailures, extended
+from alignd.decoders.guides import GuideKey, Guides, GuideState, LanguageModel, Role, Scorer, ScorerKind
+from alignd.rewards.scorers import RowFailures
+
+if TYPE_CHECKING:
+    from alignd.decoders.params import AlignmentParams
 
 
 class GuideFailure(Exception):
@@ -47,7 +50,8 @@ class Row:
     prompt: list[int]
     output: list[int]  # the engine's live list: it grows as tokens are sampled
     sampling: Any = None  # the request's vllm SamplingParams: the engine keeps it while the request lives
-    guides: dict[Key, Any] = field(default_factory=dict)  # guide -> its per-request state
+    # Each guide this row opened, with its per-request state (closed by `release`).
+    guides: dict[GuideKey, tuple[Scorer | LanguageModel, GuideState]] = field(default_factory=dict)
     # (guide, reason) once a guide failed for this row: it is decoded unguided from then on.
     failure: tuple[str, str] | None = None
     # (guide, reason) when a guide could not score this row in the current step only.
@@ -56,18 +60,24 @@ class Row:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
-    def state(self, guides: GuideRuntime, key: Key) -> Any:
+    def state(self, key: GuideKey, guide: Scorer | LanguageModel) -> GuideState:
         if key not in self.guides:
-            self.guides[key] = guides.guide(key).open()
-        return self.guides[key]
+            self.guides[key] = (guide, guide.open())
+        return self.guides[key][1]
 
-    def release(self, guides: GuideRuntime) -> None:
-        for key, state in self.guides.items():
-            guides.guide(key).close(state)
+    def release(self) -> None:
+        for guide, state in self.guides.values():
+            guide.close(state)
         self.guides.clear()
 
 
-Step = Callable[[GuideRuntime, list[Row], list[list[int]], torch.Tensor], torch.Tensor]
+Step = Callable[[Guides, list[Row], list[list[int]], torch.Tensor], torch.Tensor]
+
+
+def lm_states(guides: Guides, role: Role, rows: list[Row]) -> tuple[LanguageModel, list]:
+    """The language model of `role` and each row's state in it."""
+    lm = guides.lm(role)
+    return lm, [row.state((role, ""), lm) for row in rows]
 
 
 def top_k(rows: list[Row], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,8 +89,8 @@ def top_k(rows: list[Row], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def weighted(
-    guides: GuideRuntime,
-    kind: Kind,
+    guides: Guides,
+    kind: ScorerKind,
     rows: list[Row],
     seqs: list[list[int]],
     tokens: torch.Tensor,
@@ -93,22 +103,18 @@ def weighted(
     total = torch.zeros(lengths.shape, dtype=torch.float32, device=lengths.device)
     weights_of = (lambda row: row.params.rewards) if kind == "reward" else (lambda row: row.params.values)
     for name in sorted({name for row in rows for name in weights_of(row)}):
-        scorer = guides.scorer(kind, name)
         users = [i for i, row in enumerate(rows) if name in weights_of(row)]
         for cached in (True, False):
             group = [i for i in users if rows[i].params.reward_cache == cached]
             if not group:
                 continue
             idx = torch.tensor(group, device=lengths.device)
-            group_seqs = [seqs[i] for i in group]
             guide = f"{kind} {name!r}"
             with guide_call(guide):
+                scorer = guides.scorer(kind, name, cached)
+                states = [rows[i].state((kind, name), scorer) for i in group]
                 try:
-                    if cached:
-                        states = [rows[i].state(guides, (kind, name)) for i in group]
-                        r = scorer.branches(states, group_seqs, tokens[idx], lengths[idx])
-                    else:
-                        r = scorer.sequences(extended(group_seqs, tokens[idx], lengths[idx])).view(len(group), -1)
+                    r = scorer.branches(states, [seqs[i] for i in group], tokens[idx], lengths[idx])
                 except RowFailures as e:
                     r = e.scores
                     for i, reason in e.reasons.items():

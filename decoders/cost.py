@@ -19,43 +19,46 @@ from alignd.rewards.specs import Route
 TEXT_TOKEN = 1
 
 
+# The request field that weights each kind of scorer a decoder may need.
+SCORERS = {"rewards": "reward", "values": "value"}
+
+
 def branch_span(al: AlignmentParams) -> int:
-    """Tokens in each branch a scorer reads: the candidate, plus the rollout for Transfer Q*."""
-    return 1 + al.rollout_tokens if al.decoder == "transfer_q" else 1
+    """Tokens in each branch a scorer reads: the candidate, plus the baseline's rollout."""
+    return 1 + al.rollout_tokens if "baseline" in al.method.needs else 1
 
 
 def candidate_tokens(al: AlignmentParams) -> int:
-    """Branch tokens one row asks of each scorer per step (top_k x span), the number the
-    per-request limit `max_guide_tokens_per_step` applies to."""
-    if al.decoder in ("args", "transfer_q", "vas"):
+    """Branch tokens one row asks of each scorer per step (top_k x span; 1 for a reference's
+    next token), the number the per-request limit `max_guide_tokens_per_step` applies to."""
+    if al.method.needs & SCORERS.keys():
         return al.top_k * branch_span(al)
-    return 1 if al.decoder == "dera" else 0
+    return 1 if "reference" in al.method.needs else 0
 
 
 def candidate_formula(al: AlignmentParams) -> str:
-    if al.decoder == "transfer_q":
-        return "top_k x (1 + rollout_tokens)"
-    return "top_k" if al.decoder in ("args", "vas") else "1"
+    if al.method.needs & SCORERS.keys():
+        return "top_k x (1 + rollout_tokens)" if branch_span(al) > 1 else "top_k"
+    return "1"
 
 
 def guide_tokens(al: AlignmentParams, routes: Mapping[tuple[str, str], Route], context: int) -> int:
-    """Guide tokens one row costs per step, `context` tokens into its sequence: each scorer's
-    branch tokens (recomputed scorers re-read the whole context for every branch), the baseline's
-    rollout tokens, the reference's one token."""
-    k, span = al.top_k, branch_span(al)
-    scorers = {"args": al.rewards, "transfer_q": al.rewards, "vas": al.values}.get(al.decoder, {})
-    kind = "value" if al.decoder == "vas" else "reward"
+    """Guide tokens one in-engine row costs per step, `context` tokens into its sequence: each
+    scorer's branch tokens (recomputed scorers re-read the whole context for every branch), the
+    baseline's rollout tokens, the reference's one token."""
+    k, span, needs = al.top_k, branch_span(al), al.method.needs
     total = 0
-    for name in scorers:
-        route = routes.get((kind, name), Route.cached)
-        if route is Route.text:
-            total += k * TEXT_TOKEN
-        elif route is Route.cached and al.reward_cache:
-            total += k * span
-        else:
-            total += k * (context + span)
-    if al.decoder == "transfer_q":
+    for field, kind in SCORERS.items():
+        for name in getattr(al, field) if field in needs else ():
+            route = routes.get((kind, name), Route.cached)
+            if route is Route.text:
+                total += k * TEXT_TOKEN
+            elif route is Route.cached and al.reward_cache:
+                total += k * span
+            else:
+                total += k * (context + span)
+    if "baseline" in needs:
         total += k * al.rollout_tokens
-    if al.decoder == "dera":
+    if "reference" in needs:
         total += 1
     return total

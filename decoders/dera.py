@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from alignd.decoders.base import Row, guide_call
-from alignd.rewards.runtime import GuideRuntime
+from alignd.decoders.base import Row, guide_call, lm_states
+from alignd.decoders.guides import Guides
 
 
-def step(guides: GuideRuntime, rows: list[Row], seqs: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+def step(guides: Guides, rows: list[Row], seqs: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
     with guide_call("reference"):
-        reference = guides.lm("reference")
-        z_ref = reference.last_outputs([row.state(guides, ("reference", "")) for row in rows], seqs)
+        reference, states = lm_states(guides, "reference", rows)
+        z_ref = reference.last_outputs(states, seqs)
     lam = torch.tensor([row.params.lambda_ for row in rows], device=logits.device)[:, None]
     mixed = z_ref.to(logits.device) + lam * (logits - z_ref.to(logits.device))
     return torch.where(torch.isfinite(logits), mixed, logits)

@@ -1,21 +1,27 @@
 """The `alignment` object of a request: which decoder, which guides with which weights.
 
 One pydantic model serves the HTTP schema, the engine-side validation (`validate_params`) and
-the decoders, so the three can never disagree about what a request means.
+the decoders, so the three can never disagree about what a request means. It reaches the engine
+in SamplingParams.extra_args, written by `to_extra_args` and read by `from_extra_args` only.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Decoder = Literal["args", "best_of_n", "transfer_q", "vas", "dera"]
-IN_ENGINE: frozenset[str] = frozenset({"args", "transfer_q", "vas", "dera"})
-# Decoders whose candidates are the whole support: top-p would cut into them.
-OWN_SUPPORT: frozenset[str] = frozenset({"args", "transfer_q"})
-NEEDS_REWARDS: frozenset[str] = frozenset({"args", "best_of_n", "transfer_q"})
+from alignd.decoders.table import DECODERS, Decoder
+
+DecoderName = Literal[tuple(DECODERS)]  # type: ignore[valid-type]  # the table's names, in its order
+
+# How to ask for each guide a decoder needs from the request (decoders.table.Need).
+ASK = {
+    "rewards": 'at least one reward with its weight, e.g. "rewards": {"sentiment": 1.0}',
+    "values": 'at least one value model with its beta, e.g. "values": {"sentiment": 2.0}',
+}
 
 
 # Weights, betas and lambda stay within ±MAX_WEIGHT: with guide scores of any sane size the
@@ -33,7 +39,7 @@ def _bounded(weights: dict[str, float], what: str) -> dict[str, float]:
 class AlignmentParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    decoder: Decoder = Field(description="the guided decoding method")
+    decoder: DecoderName = Field(description="the guided decoding method")
     rewards: dict[str, float] = Field(
         default_factory=dict, description="reward name -> weight; the total is the weighted sum"
     )
@@ -68,22 +74,38 @@ class AlignmentParams(BaseModel):
 
     @model_validator(mode="after")
     def _needs(self) -> AlignmentParams:
-        if self.decoder in NEEDS_REWARDS and not self.rewards:
-            raise ValueError(
-                f"{self.decoder} needs at least one reward with its weight, e.g. \"rewards\": {{\"sentiment\": 1.0}}"
-            )
-        if self.decoder == "vas" and not self.values:
-            raise ValueError("vas needs at least one value model with its beta, e.g. \"values\": {\"sentiment\": 2.0}")
+        for need in sorted(self.method.needs & ASK.keys()):
+            if not getattr(self, need):
+                raise ValueError(f"{self.decoder} needs {ASK[need]}")
         return self
 
-    def engine_args(self) -> dict:
-        """The JSON-safe form that travels to the engine in SamplingParams.extra_args."""
-        return self.model_dump(by_alias=True)
+    @property
+    def method(self) -> Decoder:
+        return DECODERS[self.decoder]
 
 
-def from_extra_args(extra_args: dict | None) -> AlignmentParams | None:
-    """The alignment params a request carries into the engine, if any."""
+@dataclass(frozen=True)
+class EngineRequest:
+    """What a guided request carries into the engine."""
+
+    alignment: AlignmentParams
+    request_id: str  # the HTTP request's: the worker keeps its notes for the response under it
+
+
+def to_extra_args(alignment: AlignmentParams, request_id: str) -> dict:
+    """The JSON-safe SamplingParams.extra_args of a request the engine guides."""
+    return {"alignd": {"alignment": alignment.model_dump(by_alias=True), "request_id": request_id}}
+
+
+def from_extra_args(extra_args: dict | None) -> EngineRequest | None:
+    """What `to_extra_args` wrote, validated again (the engine may be reached without the
+    server's checks); None for a request the engine does not guide."""
     raw = (extra_args or {}).get("alignd")
     if raw is None:
         return None
-    return AlignmentParams.model_validate(raw)
+    if not isinstance(raw, dict) or not isinstance(raw.get("request_id", ""), str):
+        raise ValueError("extra_args.alignd: expected {\"alignment\": {...}, \"request_id\": str}")
+    alignment = AlignmentParams.model_validate(raw.get("alignment"))
+    if alignment.method.step is None:
+        raise ValueError(f"decoder {alignment.decoder!r} does not run inside the engine")
+    return EngineRequest(alignment, raw.get("request_id", ""))

@@ -21,8 +21,7 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from alignd.decoders import args, dera, transfer_q, vas
-from alignd.decoders.base import GuideFailure, Row, Step
+from alignd.decoders.base import GuideFailure, Row
 from alignd.decoders.cost import guide_tokens
 from alignd.decoders.params import from_extra_args
 from alignd.rewards.runtime import GuideRuntime
@@ -30,15 +29,11 @@ from alignd.rewards.specs import GuideConfig
 
 log = logging.getLogger("alignd.decoders")
 
-DECODERS: dict[str, Step] = {"args": args.step, "transfer_q": transfer_q.step, "vas": vas.step, "dera": dera.step}
-
 
 class AlignmentLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        params = from_extra_args(sampling_params.extra_args)  # raises ValueError -> HTTP 400
-        if params is not None and params.decoder not in DECODERS:
-            raise ValueError(f"decoder {params.decoder!r} does not run inside the engine")
+        from_extra_args(sampling_params.extra_args)  # raises ValueError -> HTTP 400
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         mc = vllm_config.model_config
@@ -61,7 +56,7 @@ class AlignmentLogitsProcessor(LogitsProcessor):
         if row is None:
             return
         if self.guides.runner is None:  # no way to tell a held request from a finished one
-            row.release(self.guides)
+            row.release()
         else:
             self.parked[id(row.sampling)] = row
 
@@ -72,7 +67,7 @@ class AlignmentLogitsProcessor(LogitsProcessor):
             return 0
         live = {id(state.sampling_params) for state in self.guides.runner.requests.values()}
         for key in [k for k in self.parked if k not in live]:
-            self.parked.pop(key).release(self.guides)
+            self.parked.pop(key).release()
         return len(self.parked)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
@@ -87,10 +82,9 @@ class AlignmentLogitsProcessor(LogitsProcessor):
                 row.output = output
                 self.rows[index] = row
                 continue
-            alignment = from_extra_args(params.extra_args)
-            if alignment is not None and alignment.decoder in DECODERS:
-                request_id = str(params.extra_args.get("alignd_request", ""))
-                self.rows[index] = Row(alignment, request_id, list(prompt or []), output, params)
+            guided = from_extra_args(params.extra_args)
+            if guided is not None:
+                self.rows[index] = Row(guided.alignment, guided.request_id, list(prompt or []), output, params)
         for a, b, direction in batch_update.moved:
             if direction is MoveDirectionality.SWAP:
                 row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
@@ -129,7 +123,9 @@ class AlignmentLogitsProcessor(LogitsProcessor):
         spent = sum(self._cost(row) for row in rows)
         index = torch.tensor(indices, device=logits.device)
         try:
-            out = DECODERS[decoder](self.guides, rows, [r.tokens() for r in rows], logits[index])
+            step = rows[0].params.method.step
+            assert step is not None  # from_extra_args admits only in-engine decoders
+            out = step(self.guides, rows, [r.tokens() for r in rows], logits[index])
         except Exception as e:  # never take the engine (and every other request) down
             if len(rows) > 1:  # find the row it belongs to; the others stay guided
                 return sum(self._run(decoder, [i], logits) for i in indices)
@@ -158,7 +154,7 @@ class AlignmentLogitsProcessor(LogitsProcessor):
 
     def _fail(self, row: Row, guide: str, reason: str) -> None:
         row.failure = (guide, reason)
-        row.release(self.guides)
+        row.release()
         self.guides.failed(guide)
         self.guides.note(row.request_id, f"{row.params.decoder}: {guide} failed ({reason}); "
                                          "this choice continued unguided")

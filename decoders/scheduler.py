@@ -38,7 +38,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from alignd.decoders.cost import guide_tokens
-from alignd.decoders.params import IN_ENGINE, AlignmentParams, from_extra_args
+from alignd.decoders.params import AlignmentParams, from_extra_args
 from alignd.rewards.specs import GuideConfig
 
 log = logging.getLogger("alignd.scheduler")
@@ -105,8 +105,8 @@ class GuideBudget:
 
     def _guide_cost(self, request: Request) -> int:
         if request.request_id not in self.alignments:
-            al = from_extra_args(request.sampling_params.extra_args) if request.sampling_params else None
-            self.alignments[request.request_id] = al if al is not None and al.decoder in IN_ENGINE else None
+            guided = from_extra_args(request.sampling_params.extra_args) if request.sampling_params else None
+            self.alignments[request.request_id] = guided.alignment if guided is not None else None
         al = self.alignments[request.request_id]
         return 0 if al is None else guide_tokens(al, self.routes, request.num_tokens)
 

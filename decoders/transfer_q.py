@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from alignd.decoders.base import Row, guide_call, top_k, weighted
-from alignd.rewards.runtime import GuideRuntime
+from alignd.decoders.base import Row, guide_call, lm_states, top_k, weighted
+from alignd.decoders.guides import Guides
 
 
-def step(guides: GuideRuntime, rows: list[Row], seqs: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+def step(guides: Guides, rows: list[Row], seqs: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
     z, cands, own = top_k(rows, logits)
     steps = max(row.params.rollout_tokens for row in rows)
     with guide_call("baseline"):
-        baseline = [row.state(guides, ("baseline", "")) for row in rows]
-        rollout, length = guides.lm("baseline").rollout(baseline, seqs, cands, steps, guides.eos)
+        baseline, states = lm_states(guides, "baseline", rows)
+        rollout, length = baseline.rollout(states, seqs, cands, steps, guides.eos)
     own_steps = torch.tensor([row.params.rollout_tokens for row in rows], device=length.device)
     length = torch.minimum(length.to(logits.device), own_steps[:, None].to(logits.device))
     branches = torch.cat([cands[..., None], rollout.to(logits.device)], dim=-1)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from alignd.decoders.base import Row, top_k, weighted
-from alignd.rewards.runtime import GuideRuntime
+from alignd.decoders.guides import Guides
 
 
-def step(guides: GuideRuntime, rows: list[Row], seqs: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+def step(guides: Guides, rows: list[Row], seqs: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
     _, cands, own = top_k(rows, logits)
     value = weighted(guides, "value", rows, seqs, cands[..., None], torch.ones_like(cands))
     mean = (value * own).sum(-1, keepdim=True) / own.sum(-1, keepdim=True)

@@ -3,8 +3,8 @@
 vLLM may build its logits processors more than once in a worker, and best-of-n scoring reaches
 the worker through `collective_rpc`; both find the same runtime here, so each model exists once.
 
-Guides are addressed by (kind, name): ("reward", NAME) and ("value", NAME) are scalar scorers,
-("reference", "") and ("baseline", "") language models with their own KV caches.
+It is what decoders/guides.py calls `Guides`: scorers by kind ("reward", "value") and name,
+language models by role ("reference", "baseline"), each with its own per-request KV caches.
 """
 
 from __future__ import annotations
@@ -13,29 +13,19 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Literal, Protocol
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from alignd.decoders.guides import Role, ScorerKind
 from alignd.rewards.guide_model import GuideModel
-from alignd.rewards.scorers import CachedReward, RecomputedReward, Reward, RowFailures, TextReward
+from alignd.rewards.scorers import CachedReward, RecomputedReward, Recomputing, Reward, RowFailures, TextReward
 from alignd.rewards.specs import GuideConfig, GuideError, Route, classify
 from alignd.rewards.text_process import TextRewardProcess
 
 log = logging.getLogger("alignd.guides")
 
 MAX_NOTED_REQUESTS = 1024
-
-Kind = Literal["reward", "value", "reference", "baseline"]
-Key = tuple[Kind, str]
-
-
-class Guide(Protocol):
-    def open(self): ...
-
-    def close(self, state) -> None: ...
-
 
 class GuideRuntime:
     _instance: GuideRuntime | None = None
@@ -46,6 +36,10 @@ class GuideRuntime:
         self.scorers: dict[str, dict[str, Reward]] = {
             "reward": {n: self._load_scorer("reward", n, s) for n, s in config.rewards.items()},
             "value": {n: self._load_scorer("value", n, s) for n, s in config.values.items()},
+        }
+        self.recomputing = {
+            (kind, name): Recomputing(scorer) if isinstance(scorer, CachedReward) else scorer
+            for kind, group in self.scorers.items() for name, scorer in group.items()
         }
         self.lms: dict[str, GuideModel] = {}
         if config.reference:
@@ -77,7 +71,7 @@ class GuideRuntime:
         return cls._instance
 
     # -- loading --------------------------------------------------------------------------------
-    def _load_scorer(self, kind: str, name: str, spec: str) -> Reward:
+    def _load_scorer(self, kind: ScorerKind, name: str, spec: str) -> Reward:
         route = classify(spec, self.tokenizer, kind)
         if route is Route.text:
             return TextReward(TextRewardProcess(spec, self.config.text_reward_timeout), self.tokenizer, self.device)
@@ -92,7 +86,7 @@ class GuideRuntime:
         tok = AutoTokenizer.from_pretrained(spec) if route is Route.retokenized else None
         return RecomputedReward(model, route, tok, self.tokenizer)
 
-    def _load_lm(self, role: str, spec: str) -> GuideModel:
+    def _load_lm(self, role: Role, spec: str) -> GuideModel:
         # One copy per model: a reference that is also the baseline is loaded once.
         for other in self.lms.values():
             if other.spec == spec:
@@ -102,13 +96,13 @@ class GuideRuntime:
         return GuideModel(model, "lm", self.max_len + 1)
 
     # -- lookup ---------------------------------------------------------------------------------
-    def scorer(self, kind: Kind, name: str) -> Reward:
+    def scorer(self, kind: ScorerKind, name: str, cached: bool = True) -> Reward:
         try:
-            return self.scorers[kind][name]
+            return self.scorers[kind][name] if cached else self.recomputing[kind, name]
         except KeyError:
             raise GuideError(f"unknown {kind} {name!r}; configured: {sorted(self.scorers[kind])}") from None
 
-    def lm(self, role: Kind) -> GuideModel:
+    def lm(self, role: Role) -> GuideModel:
         if role not in self.lms:
             if role == "baseline":  # defaults to the served model, loaded on first use
                 log.warning("baseline: loading the served model %s as the Transfer Q* baseline", self.config.model)
@@ -116,10 +110,6 @@ class GuideRuntime:
             else:
                 raise GuideError("no reference model: start the server with --reference")
         return self.lms[role]
-
-    def guide(self, key: Key) -> Guide:
-        kind, name = key
-        return self.scorer(kind, name) if kind in self.scorers else self.lm(kind)
 
     @property
     def eos(self) -> int | None:

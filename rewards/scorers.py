@@ -1,35 +1,26 @@
-"""The three kinds of scalar guide (reward or value) a request can weight, behind one interface.
-
-`branches(states, seqs, tokens, lengths)` returns r(seq + branch) for k branches per row
-([n, k]; tokens [n, k, span], lengths [n, k]; a branch of length 1 is a candidate next token);
-`sequences(seqs)` returns r(seq) for whole sequences ([n]). Sequences are token ids of the base
-model (prompt + completion so far); rewards that read text see it decoded.
+"""The three kinds of scalar guide (reward or value) a request can weight, behind the one
+`Scorer` interface of decoders/guides.py: KV-cached, recomputed from the whole text, or a Python
+function over texts. Sequences are token ids of the base model (prompt + completion so far);
+rewards that read text see it decoded.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
+from alignd.decoders.guides import GuideState, Scorer
 from alignd.rewards.guide_model import GuideModel
 from alignd.rewards.specs import Route
 from alignd.rewards.text_process import TextRewardProcess
 
 
-class Reward(Protocol):
+class Reward(Scorer, Protocol):
+    """A scorer as the runtime holds it: how it runs, and how many request states it holds."""
+
     route: Route
-
-    def open(self) -> Any: ...
-
-    def close(self, state: Any) -> None: ...
-
-    def branches(
-        self, states: list, seqs: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor
-    ) -> torch.Tensor: ...
-
-    def sequences(self, seqs: list[list[int]]) -> torch.Tensor: ...
 
     def active(self) -> int: ...
 
@@ -70,10 +61,10 @@ class CachedReward:
 class StatelessReward:
     """Base for rewards that recompute from the whole sequence every time."""
 
-    def open(self):
+    def open(self) -> GuideState:
         return None
 
-    def close(self, state) -> None:
+    def close(self, state: GuideState) -> None:
         return None
 
     def branches(self, states, seqs, tokens, lengths):
@@ -81,6 +72,17 @@ class StatelessReward:
 
     def active(self) -> int:
         return 0
+
+
+class Recomputing(StatelessReward):
+    """A KV-cached reward made to re-read every candidate's whole text, as the papers' reference
+    code does (a request's alignment.reward_cache=false, for benchmarks)."""
+
+    def __init__(self, cached: CachedReward) -> None:
+        self.cached, self.route = cached, cached.route
+
+    def sequences(self, seqs):
+        return self.cached.sequences(seqs)
 
 
 class RecomputedReward(StatelessReward):
@@ -117,7 +119,7 @@ class RowFailures(Exception):
 MAX_TEXT_SCORE = 1e12
 
 
-class TextReward:
+class TextReward(StatelessReward):
     """A Python function over decoded texts, `f(texts) -> scores` (classifiers, rules), run in a
     child process with a time limit per row (text_process)."""
 
@@ -125,15 +127,6 @@ class TextReward:
 
     def __init__(self, process: TextRewardProcess, base_tokenizer, device) -> None:
         self.process, self.base_tokenizer, self.device = process, base_tokenizer, device
-
-    def open(self):
-        return None
-
-    def close(self, state) -> None:
-        return None
-
-    def active(self) -> int:
-        return 0
 
     def _rows(self, rows: list[list[list[int]]]) -> torch.Tensor:
         """Scores [len(rows), k] of rows of k token sequences each; raises RowFailures."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TEXT_PREFIX = "py:"
@@ -29,17 +29,39 @@ class Route(str, Enum):
     text = "text"  # a Python function over texts
 
 
-class GuideConfig(BaseModel):
+class GuideSettings(BaseModel):
+    """The guide models and the limits on their work: server settings (ServeSettings has these
+    fields) that travel into the worker as part of GuideConfig."""
+
+    rewards: dict[str, str] = Field(default_factory=dict, description="NAME -> SPEC")
+    values: dict[str, str] = Field(default_factory=dict, description="VAS value models, NAME -> SPEC")
+    reference: str | None = Field(None, description="DeRa reference (SFT) model")
+    baseline: str | None = Field(None, description="Transfer Q* rollout model (default: the served model)")
+    text_reward_timeout: float = Field(
+        2.0, gt=0, description="seconds a py: text reward may take for one sequence's texts; then it counts as failed"
+    )
+    guide_step_budget: int = Field(
+        8192, ge=1, description="guide tokens per engine step, on average, of all guided sequences: "
+        "beyond it they take turns (plain sequences never wait for them)"
+    )
+    guide_time_share: float = Field(
+        1.0, ge=0, description="while plain sequences run, the guided work of a step may take this share of "
+        "the step's time without it, on average (measured as the server runs); 0: the token budget alone"
+    )
+
+    @field_validator("rewards", "values")
+    @classmethod
+    def _names(cls, guides: dict[str, str]) -> dict[str, str]:
+        bad = [n for n in guides if not NAME.match(n)]
+        if bad:
+            raise ValueError(f"names must be letters, digits, '_', '.', '-': {bad}")
+        return guides
+
+
+class GuideConfig(GuideSettings):
     """Everything the worker needs to build its guide runtime (travels in vLLM's additional_config)."""
 
     model: str  # the served model: its tokenizer, and the default Transfer Q* baseline
-    rewards: dict[str, str] = Field(default_factory=dict)
-    values: dict[str, str] = Field(default_factory=dict)
-    reference: str | None = None
-    baseline: str | None = None
-    text_reward_timeout: float = 2.0  # seconds a py: reward may take for one row's texts
-    guide_step_budget: int = 0  # guide tokens per engine step, on average (decoders/scheduler.py); 0: no budget
-    guide_time_share: float = 0.0  # guided seconds per plain step second while plain rows run; 0: tokens only
     routes: dict[str, Route] = Field(default_factory=dict)  # "kind/name" -> how it runs (for costs)
 
     def route_map(self) -> dict[tuple[str, str], Route]:

@@ -6,20 +6,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from alignd.rewards.specs import NAME
+from alignd.rewards.specs import GuideSettings
 
 
-class ServeSettings(BaseSettings):
+class ServeSettings(BaseSettings, GuideSettings):
+    """Everything `alignd serve` takes; the guide models and their limits are GuideSettings'
+    fields (rewards/specs.py), shared with the worker's GuideConfig."""
+
     model_config = SettingsConfigDict(env_prefix="ALIGND_", extra="forbid")
 
     model: str = Field(description="base model: local folder or hub id")
-    rewards: dict[str, str] = Field(default_factory=dict, description="NAME -> SPEC")
-    values: dict[str, str] = Field(default_factory=dict, description="VAS value models, NAME -> SPEC")
-    reference: str | None = Field(None, description="DeRa reference (SFT) model")
-    baseline: str | None = Field(None, description="Transfer Q* rollout model (default: the served model)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = None
@@ -37,21 +36,10 @@ class ServeSettings(BaseSettings):
         2048, ge=1, description="per sequence: guide tokens a decoder step may score "
         "(top_k, or top_k x (1 + rollout_tokens) for transfer_q); beyond this, HTTP 400"
     )
-    guide_step_budget: int = Field(
-        8192, ge=1, description="guide tokens per engine step, on average, of all guided sequences: "
-        "beyond it they take turns (plain sequences never wait for them)"
-    )
-    guide_time_share: float = Field(
-        1.0, ge=0, description="while plain sequences run, the guided work of a step may take this share of "
-        "the step's time without it, on average (measured as the server runs); 0: the token budget alone"
-    )
+    queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait for room; then HTTP 429")
     max_guide_tokens_in_flight: int = Field(
         32768, ge=1, description="guide tokens per step of all guided requests running at once: beyond "
         "it requests wait for room (a request that alone exceeds it gets HTTP 400)"
-    )
-    queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait for room; then HTTP 429")
-    text_reward_timeout: float = Field(
-        2.0, gt=0, description="seconds a py: text reward may take for one sequence's texts; then it counts as failed"
     )
     rpc_timeout: float = Field(120.0, gt=0, description="seconds a call into the engine worker may take; then HTTP 503")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for requests in flight")
@@ -65,14 +53,6 @@ class ServeSettings(BaseSettings):
         description="accept alignment.reward_cache=false: every candidate re-run over the whole "
         "text, whose steps can take minutes and stall every request (benchmarks only)",
     )
-
-    @field_validator("rewards", "values")
-    @classmethod
-    def _names(cls, guides: dict[str, str]) -> dict[str, str]:
-        bad = [n for n in guides if not NAME.match(n)]
-        if bad:
-            raise ValueError(f"names must be letters, digits, '_', '.', '-': {bad}")
-        return guides
 
     @property
     def model_name(self) -> str:

@@ -25,7 +25,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from alignd.decoders.processor import AlignmentLogitsProcessor
 from alignd.decoders.scheduler import GuideBudgetAsyncScheduler, GuideBudgetScheduler
-from alignd.rewards.specs import GuideConfig, Route
+from alignd.rewards.specs import GuideConfig, GuideSettings, Route
 from alignd.server.config import ServeSettings
 
 log = logging.getLogger("alignd.server")
@@ -56,9 +56,7 @@ class Engine:
     def engine_args(self) -> AsyncEngineArgs:
         s = self.settings
         guides = GuideConfig(
-            model=s.model, rewards=s.rewards, values=s.values, reference=s.reference, baseline=s.baseline,
-            text_reward_timeout=s.text_reward_timeout, guide_step_budget=s.guide_step_budget,
-            guide_time_share=s.guide_time_share,
+            model=s.model, **s.model_dump(include=set(GuideSettings.model_fields)),
             routes={f"{kind}/{name}": route for (kind, name), route in self.routes.items()},
         )
         return AsyncEngineArgs(

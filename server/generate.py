@@ -17,7 +17,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind
 
 from alignd.decoders.cost import candidate_formula, candidate_tokens, guide_tokens
-from alignd.decoders.params import IN_ENGINE, OWN_SUPPORT, AlignmentParams
+from alignd.decoders.params import AlignmentParams, to_extra_args
 from alignd.server.admission import Cost
 from alignd.server.engine import Engine
 from alignd.server.schemas import Candidate, ChoiceAlignment, SamplingFields
@@ -81,8 +81,8 @@ class Plan:
                 raise BadRequest(f"prompt {i}: token id {bad} is not in the vocabulary "
                                  f"(0 to {self.engine.vocab_limit - 1})", "prompt")
         al = self.alignment
-        if al is not None and al.decoder == "best_of_n" and self.req.temperature == 0 and self.req.n * al.n > 1:
-            raise BadRequest("best_of_n ranks different samples, and at temperature 0 every sample is the same: "
+        if self.ranked and self.req.temperature == 0 and self.req.n * al.n > 1:
+            raise BadRequest(f"{al.decoder} ranks different samples, and at temperature 0 every sample is the same: "
                              "use a temperature > 0 (or alignment.n = 1)", "temperature")
         self.usage["prompt_tokens"] = sum(len(p) for p in self.prompts)
         kind = RequestOutputKind.DELTA if self.req.stream and not self.ranked else RequestOutputKind.FINAL_ONLY
@@ -96,8 +96,13 @@ class Plan:
         return self.req.alignment
 
     @property
+    def in_engine(self) -> bool:
+        return self.alignment is not None and self.alignment.method.step is not None
+
+    @property
     def ranked(self) -> bool:
-        return self.alignment is not None and self.alignment.decoder == "best_of_n"
+        """Request-level: the engine draws alignment.n plain samples per choice, ranked here."""
+        return self.alignment is not None and self.alignment.method.rank is not None
 
     def _max_tokens(self, prompt: list[int]) -> int:
         return self.max_tokens or self.engine.max_model_len - len(prompt)
@@ -105,11 +110,11 @@ class Plan:
     def _params(self, prompt: list[int], kind: RequestOutputKind) -> SamplingParams:
         req, al = self.req, self.alignment
         n, extra, top_p = req.n, None, req.top_p
-        if al is not None and al.decoder in IN_ENGINE:
-            extra = {"alignd": al.engine_args(), "alignd_request": self.request_id}
-            if al.decoder in OWN_SUPPORT:
+        if al is not None and self.in_engine:
+            extra = to_extra_args(al, self.request_id)
+            if al.method.own_support:
                 top_p = 1.0  # the decoder's candidates are the support; top-p would cut them
-        elif self.ranked:
+        elif al is not None and self.ranked:
             n = req.n * al.n
         return SamplingParams(
             n=n,
@@ -131,7 +136,7 @@ class Plan:
         `max_candidate_tokens`."""
         al = self.alignment
         samples = sum(p.n for p in self.sampling)
-        if al is None or al.decoder not in IN_ENGINE:
+        if al is None or not self.in_engine:
             return Cost(samples, 0)
         per_row = candidate_tokens(al)
         if per_row > max_candidate_tokens:
@@ -178,9 +183,9 @@ async def _final_outputs(plan: Plan, i: int, prompt: list[int]):
     return sorted(outputs, key=lambda o: o.index)
 
 
-async def _best_of_n(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
+async def _ranked(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
     al = plan.alignment
-    assert al is not None
+    assert al is not None and al.method.rank is not None
     samples = await _final_outputs(plan, i, prompt)
     plan.usage["completion_tokens"] += sum(len(s.token_ids) for s in samples)
     rewards, own, notes = await plan.rewards_of([prompt + list(s.token_ids) for s in samples])
@@ -188,10 +193,10 @@ async def _best_of_n(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
     choices = []
     for j in range(plan.req.n):
         group = range(j * al.n, (j + 1) * al.n)
-        ranked = [g for g in group if totals[g] is not None]
-        # A sample whose reward failed cannot be ranked; if none can, the first sample stands.
-        best = max(ranked, key=lambda g: totals[g]) if ranked else group[0]
-        why = [] if ranked else ["no sample of this choice has a total, so it is the first sample, unranked"]
+        picked = al.method.rank([totals[g] for g in group])
+        # If no sample can be ranked (every one has a failed reward), the first sample stands.
+        best = group[0 if picked is None else picked]
+        why = [] if picked is not None else ["no sample of this choice has a total, so it is the first sample, unranked"]
         ids = plan.req.return_token_ids
         cands = [
             Candidate(
@@ -230,7 +235,7 @@ async def _guided_or_plain(plan: Plan, i: int, prompt: list[int]) -> list[Choice
 
 
 def _runner(plan: Plan):
-    return _best_of_n if plan.ranked else _guided_or_plain
+    return _ranked if plan.ranked else _guided_or_plain
 
 
 async def run(plan: Plan) -> list[Choice]:
@@ -241,7 +246,7 @@ async def run(plan: Plan) -> list[Choice]:
 async def _stream_prompt(plan: Plan, i: int, prompt: list[int]) -> AsyncIterator[Delta]:
     if plan.ranked:
         # The winner is known only when every sample has finished: it comes as one piece.
-        for c in await _best_of_n(plan, i, prompt):
+        for c in await _ranked(plan, i, prompt):
             yield Delta(c.index, c.text)
             yield Delta(c.index, "", c.finish_reason, c.alignment)
         return

@@ -1,0 +1,39 @@
+"""Every decoder alignd serves, declared once.
+
+The request schema (which names `alignment.decoder` accepts and what each needs), the server's
+checks, its dispatch (in the engine or per request), the logits processor and `/v1/models` all
+read this table. Adding a decoder is its file, one line here, and its tests (README: "Adding a
+decoder").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from alignd.decoders import args, best_of_n, dera, transfer_q, vas
+from alignd.decoders.base import Step
+
+# What a decoder uses: guides a request weights ("rewards", "values") or models the server loads
+# at start-up ("reference"; "baseline" defaults to the served model).
+Need = Literal["rewards", "values", "reference", "baseline"]
+Rank = Callable[[Sequence[float | None]], "int | None"]
+
+
+@dataclass(frozen=True)
+class Decoder:
+    name: str
+    needs: frozenset[Need]
+    step: Step | None = None  # in the engine: rewrites the logits of every token step
+    rank: Rank | None = None  # per request: picks one of alignment.n whole samples by their totals
+    own_support: bool = False  # its candidates are the whole support: top-p must not cut them
+
+
+DECODERS: dict[str, Decoder] = {d.name: d for d in (
+    Decoder("args", frozenset({"rewards"}), step=args.step, own_support=True),
+    Decoder("best_of_n", frozenset({"rewards"}), rank=best_of_n.pick),
+    Decoder("transfer_q", frozenset({"rewards", "baseline"}), step=transfer_q.step, own_support=True),
+    Decoder("vas", frozenset({"values"}), step=vas.step),
+    Decoder("dera", frozenset({"reference"}), step=dera.step),
+)}
