@@ -241,8 +241,9 @@ def test_demo_data_splits_by_source():
 
 def test_value_step_runs_train_value_and_publishes_a_value_folder(tiny, tmp_path, monkeypatch):
     pytest.importorskip("spacy")
-    monkeypatch.setattr(build, "VALUE_SETTINGS", {**build.VALUE_SETTINGS, "prompts": 4, "samples_per_prompt": 2,
-                                                  "max_tokens": 6, "epochs": 1, "backbone_layers": 1})
+    monkeypatch.setattr(build, "VALUE_PROMPTS", 4)
+    monkeypatch.setattr(build, "VALUE_TRAINING", {**build.VALUE_TRAINING, "samples_per_prompt": 2, "max_tokens": 6,
+                                                  "epochs": 1, "backbone_layers": 1})
     times = {}
     out = build.make_value(tmp_path, tiny["base"], tiny["base"], tiny["rm_a"], times)
     assert out == tmp_path / build.VALUE and build.VALUE in times

@@ -127,8 +127,10 @@ ALIGNED = "aligned-sentiment"
 VALUE = "value-sentiment"
 TEXT_NAMES = {"sentiment": "sentiment_spacy", "nontoxic": "nontoxic_svm"}
 SEED = 0
-VALUE_SETTINGS = {"prompts": 64, "samples_per_prompt": 4, "max_tokens": 48, "temperature": 0.7, "epochs": 2,
-                  "batch_size": 8, "lr": 5e-5, "backbone_layers": 15}
+VALUE_PROMPTS = 64
+# The demo value model's train-value settings (TrainValueSettings fields) beyond its paths.
+VALUE_TRAINING = {"samples_per_prompt": 4, "max_tokens": 48, "temperature": 0.7, "epochs": 2,
+                  "batch_size": 8, "lr": 5e-5, "backbone_layers": 15, "sampler": "vllm", "device": "cpu"}
 
 
 SAMPLES_CARD = """\
@@ -173,6 +175,7 @@ def make_value(cache: Path, served: Path, base: Path, reward: Path, times: dict[
     cost); its big checkpoint/ is deleted once done."""
     from alignd.training import demo_data as d
     from alignd.training import train_value
+    from alignd.training.value_settings import TrainValueSettings
 
     final = cache / VALUE
     if final.exists():
@@ -183,24 +186,19 @@ def make_value(cache: Path, served: Path, base: Path, reward: Path, times: dict[
     work = cache / f".{VALUE}.work"
     out = work / VALUE
     out.mkdir(parents=True, exist_ok=True)
-    s = VALUE_SETTINGS
     train = [r for r in d.imdb_reviews() if r["id"] not in d.heldout_ids(len(d.imdb_reviews()))]
     prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": d.sentiment_prompt(r)}) + "\n" for r in train[: s["prompts"]]))
-    args = train_value.parser().parse_args([
-        "--model", str(served), "--reward", f"sentiment={reward}", "--prompts", str(prompts),
-        "--out", str(out), "--backbone", str(base), "--backbone-layers", str(s["backbone_layers"]),
-        "--samples-per-prompt", str(s["samples_per_prompt"]), "--max-tokens", str(s["max_tokens"]),
-        "--temperature", str(s["temperature"]), "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]),
-        "--lr", str(s["lr"]), "--sampler", "vllm", "--dtype", d.COMPUTE, "--device", "cpu", "--seed", str(SEED),
-    ])
-    if train_value.run(args) != 0:
+    prompts.write_text("".join(json.dumps({"prompt": d.sentiment_prompt(r)}) + "\n" for r in train[:VALUE_PROMPTS]))
+    settings = TrainValueSettings(model=str(served), rewards={"sentiment": str(reward)}, prompts=prompts, out=out,
+                                  backbone=str(base), dtype=d.COMPUTE, seed=SEED, **VALUE_TRAINING)
+    if train_value.run(settings) != 0:
         raise RuntimeError(f"alignd train-value failed; see {out / 'train.log'} (a rerun resumes)")
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     seconds = time.perf_counter() - t0
     card = (out / "README.md").read_text().replace(str(out), str(final)).replace(str(prompts), "prompts.jsonl")
     (out / "README.md").write_text(card + BUILD_NOTE.format(seconds=seconds, served=served.name, base=base.name,
-                                                          n=s["prompts"], dtype=d.COMPUTE, **s))
+                                                          n=VALUE_PROMPTS, dtype=d.COMPUTE,
+                                                          backbone_layers=settings.backbone_layers))
     shutil.copy(prompts, out / "prompts.jsonl")
     publish(out, final)
     shutil.rmtree(work, ignore_errors=True)

@@ -30,19 +30,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import shlex
 import time
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from alignd.rewards.specs import GuideError, parse_named
 from alignd.training.value_data import (
     REWARDS, SAMPLES, encode_prompt, fingerprint_of, finite_or_none, pick_device, read_prompts, sample, score,
 )
 from alignd.training.value_fit import brief, split, train
+from alignd.training.value_settings import TrainValueSettings
 
 log = logging.getLogger("alignd.train_value")
 
@@ -52,48 +53,62 @@ RUN = "run.json"
 
 # -- command line ----------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
+    """The flags of TrainValueSettings; a flag left out takes the settings' default."""
     p = argparse.ArgumentParser(prog="alignd train-value", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="the frozen base model (folder or hub id) to sample")
+    fields = TrainValueSettings.model_fields
     p.add_argument("--reward", action="append", default=[], required=True, metavar="NAME=SPEC",
                    help="a reward, as in `alignd serve`: *ForSequenceClassification folder or py:module:function")
     p.add_argument("--reward-weight", action="append", default=[], metavar="NAME=W",
                    help="weight of a reward in the training reward (default 1 each)")
-    p.add_argument("--prompts", required=True, type=Path,
-                   help="one prompt per line, or JSONL with a 'prompt' (text) or 'messages' (chat) field")
-    p.add_argument("--out", required=True, type=Path, help="output folder (also the cache a rerun resumes from)")
+    for name in ("model", "prompts", "out"):
+        p.add_argument(f"--{name}", required=True, help=fields[name].description)
     p.add_argument("--backbone", metavar="PATH_OR_ID",
                    help="initial weights of V: a smaller model with the base tokenizer (default: the base)")
-    p.add_argument("--backbone-layers", type=int, metavar="N", help="keep only the backbone's first N decoder layers")
-    p.add_argument("--samples-per-prompt", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=128, help="completion length limit when sampling")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--prompt-format", choices=["auto", "chat", "raw"], default="auto",
-                   help="chat: wrap text prompts in the tokenizer's chat template (auto: when it has one)")
-    p.add_argument("--sampler", choices=["auto", "hf", "vllm"], default="auto",
-                   help="hf: transformers generate; vllm: vLLM's offline LLM (auto: vllm on a CUDA GPU, else hf)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--td-lambda", type=float, default=0.95)
-    p.add_argument("--holdout", type=float, default=0.2, help="fraction of prompts held out for evaluation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="dtype of the base and reward models while sampling and scoring (V trains in float32)")
+    p.add_argument("--backbone-layers", metavar="N", help=fields["backbone_layers"].description)
+    for name in ("samples_per_prompt", "max_tokens", "temperature", "epochs", "batch_size", "lr",
+                 "weight_decay", "td_lambda", "holdout", "seed"):
+        field = fields[name]
+        p.add_argument("--" + name.replace("_", "-"), help=f"{field.description or ''} (default {field.default})")
+    p.add_argument("--prompt-format", choices=["auto", "chat", "raw"],
+                   help="chat: wrap text prompts in the tokenizer's chat template (auto, the default: when it has one)")
+    p.add_argument("--sampler", choices=["auto", "hf", "vllm"],
+                   help="hf: transformers generate; vllm: vLLM's offline LLM (auto, the default: vllm on a CUDA GPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (auto, the default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the base and reward models while sampling and scoring (default float32; "
+                   "V trains in float32)")
     return p
 
 
-def command_line(args: argparse.Namespace) -> str:
-    """The flags of this run as a shell line, for the log and the model card."""
+def settings_from(args: argparse.Namespace) -> TrainValueSettings:
+    """The run's settings from parsed flags; GuideError with one line if they are not valid."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("reward", "reward_weight")}
+    given["rewards"] = dict(parse_named(item, "--reward") for item in args.reward)
+    given["reward_weights"] = {}
+    for item in args.reward_weight:
+        name, value = parse_named(item, "--reward-weight")
+        try:
+            given["reward_weights"][name] = float(value)
+        except ValueError:
+            raise GuideError(f"--reward-weight {item!r}: the weight must be a number") from None
+    try:
+        return TrainValueSettings(**given)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-") if first["loc"] else "settings"
+        raise GuideError(f"{where}: {first['msg']}") from None
+
+
+def command_line(settings: TrainValueSettings) -> str:
+    """The run as a shell line, for the log and the model card."""
     parts = ["alignd", "train-value"]
-    for key, value in vars(args).items():
-        if value is None or value == []:
-            continue
-        flag = "--" + key.replace("_", "-")
-        for v in value if isinstance(value, list) else [value]:
-            parts += [flag, str(v)]
+    for name, spec in settings.rewards.items():
+        parts += ["--reward", f"{name}={spec}"]
+    for name, weight in settings.reward_weights.items():
+        parts += ["--reward-weight", f"{name}={weight:g}"]
+    for key, value in settings.model_dump(exclude={"rewards", "reward_weights"}, exclude_none=True).items():
+        parts += ["--" + key.replace("_", "-"), str(value)]
     return shlex.join(parts)
 
 
@@ -150,7 +165,7 @@ resume; they can be deleted once done.
 """
 
 
-def write_outputs(args, model, base_tokenizer, data: dict, history: list[dict], split_info: dict,
+def write_outputs(args: TrainValueSettings, model, base_tokenizer, data: dict, history: list[dict], split_info: dict,
                   rewards: dict[str, str], weights: dict[str, float], out_dir: Path) -> dict:
     """The value model folder (head rescaled to reward units), metrics.json, train_log.jsonl, README.md."""
     import alignd
@@ -193,21 +208,6 @@ def write_outputs(args, model, base_tokenizer, data: dict, history: list[dict], 
 
 
 # -- the command -------------------------------------------------------------------------------------
-def parse_weights(items: list[str], rewards: dict[str, str]) -> dict[str, float]:
-    weights = {name: 1.0 for name in rewards}
-    for item in items:
-        name, value = parse_named(item, "--reward-weight")
-        if name not in rewards:
-            raise GuideError(f"--reward-weight {item!r}: no --reward named {name!r}")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise GuideError(f"--reward-weight {item!r}: the weight must be a number") from None
-        if not math.isfinite(weights[name]):
-            raise GuideError(f"--reward-weight {item!r}: the weight must be finite")
-    return weights
-
-
 def check_run(out_dir: Path, settings: dict) -> None:
     """Caches from other sampling settings or rewards are never mixed in: samples are refused
     (the user chooses another --out), rewards are rescored (cheap next to sampling)."""
@@ -225,10 +225,15 @@ def check_run(out_dir: Path, settings: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    return run(parser().parse_args(argv))
+    try:
+        settings = settings_from(parser().parse_args(argv))
+    except GuideError as e:
+        log.error("alignd train-value: %s", e)
+        return 2
+    return run(settings)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: TrainValueSettings) -> int:
     """`alignd train-value`: sample, score, train, save. Returns the process exit status."""
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,18 +251,12 @@ def run(args: argparse.Namespace) -> int:
         handler.close()
 
 
-def _run(args: argparse.Namespace, out_dir: Path) -> int:
+def _run(args: TrainValueSettings, out_dir: Path) -> int:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
     log.info("%s", command_line(args))
-    for flag in ("samples_per_prompt", "max_tokens", "epochs", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise GuideError(f"--{flag.replace('_', '-')} must be at least 1")
-    if not 0 < args.holdout < 1 or not 0 <= args.td_lambda <= 1 or args.temperature < 0:
-        raise GuideError("--holdout must be in (0, 1), --td-lambda in [0, 1], --temperature >= 0")
-    rewards = dict(parse_named(item, "--reward") for item in args.reward)
-    weights = parse_weights(args.reward_weight, rewards)
+    rewards, weights = args.rewards, args.weights
     device = pick_device(args.device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -15,6 +15,7 @@ import torch
 
 from alignd.rewards.specs import GuideError
 from alignd.training import vllm_sampling
+from alignd.training.value_settings import TrainValueSettings
 from alignd.training.vllm_sampling import append_jsonl, prompt_seed
 
 log = logging.getLogger("alignd.train_value")
@@ -114,7 +115,7 @@ def pick_device(name: str) -> torch.device:
 
 
 # -- stage 1: sampling -----------------------------------------------------------------------------
-def sample_hf(model_path: str, prompts: list[list[int]], start: int, args, device: torch.device,
+def sample_hf(model_path: str, prompts: list[list[int]], start: int, args: TrainValueSettings, device: torch.device,
               eos: list[int], pad_id: int, out: Path) -> None:
     """transformers generate, one prompt at a time with its n samples as one batch: no padding
     (so nothing that differs from unbatched sampling), one seed per prompt, appended per prompt."""
@@ -143,7 +144,7 @@ def sample_hf(model_path: str, prompts: list[list[int]], start: int, args, devic
         append_jsonl(out, rows)
 
 
-def sample(args, tokenizer, prompts: list[list[int]], out_dir: Path, device: torch.device) -> list[dict]:
+def sample(args: TrainValueSettings, tokenizer, prompts: list[list[int]], out_dir: Path, device: torch.device) -> list[dict]:
     path = out_dir / SAMPLES
     rows = read_jsonl(path)
     # Only prompts with all their samples count: a vLLM chunk may have been half written.
@@ -178,7 +179,7 @@ def sample(args, tokenizer, prompts: list[list[int]], out_dir: Path, device: tor
 
 
 # -- stage 2: scoring ------------------------------------------------------------------------------
-def score(args, rewards: dict[str, str], samples: list[dict], out_dir: Path, device: torch.device,
+def score(args: TrainValueSettings, rewards: dict[str, str], samples: list[dict], out_dir: Path, device: torch.device,
           max_len: int) -> list[dict[str, float]]:
     """Each reward of each whole prompt+completion, by the server's own GuideRuntime.score."""
     from tqdm import tqdm

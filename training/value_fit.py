@@ -12,6 +12,7 @@ import torch
 
 from alignd.rewards.specs import GuideError, same_vocab
 from alignd.training.stats import pearson, spearman
+from alignd.training.value_settings import TrainValueSettings
 from alignd.training.vllm_sampling import prompt_seed
 
 log = logging.getLogger("alignd.train_value")
@@ -170,7 +171,7 @@ def load_checkpoint(out_dir: Path, fingerprint: dict) -> tuple[Path, dict] | Non
     return None
 
 
-def train(args, base_tokenizer, data: dict, train_idx: list[int], test_idx: list[int], out_dir: Path,
+def train(args: TrainValueSettings, base_tokenizer, data: dict, train_idx: list[int], test_idx: list[int], out_dir: Path,
           device: torch.device, fingerprint: dict):
     """Epochs of TD(lambda) on the training samples, resumed from checkpoint/; returns the model
     (predicting the normalized reward) and the per-epoch log."""
