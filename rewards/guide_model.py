@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from alignd.rewards import llama
+from alignd.rewards import cached_attention
 from alignd.rewards.kv_pool import KVPool, Slot
 
 Head = Literal["score", "lm"]
@@ -171,8 +171,8 @@ class GuideModel:
         counts = torch.tensor([len(n) for n in new], device=self.device)
         prefix = self.pool.prefix(slots)
         positions = prefix.lengths[:, None] + torch.arange(width, device=self.device)[None]
-        mask = llama.causal_mask(counts, width)
-        hidden, keys, values = llama.forward(self.model, tokens, positions, prefix, mask)
+        mask = cached_attention.causal_mask(counts, width)
+        hidden, keys, values = cached_attention.forward(self.model, tokens, positions, prefix, mask)
         valid = torch.arange(width, device=self.device)[None] < counts[:, None]
         slot_index = torch.tensor([s.index for s in slots], device=self.device)[:, None].expand_as(valid)
         self.pool.write(
@@ -239,8 +239,8 @@ class GuideModel:
         prefix = self.pool.prefix(slots)
         steps = torch.arange(span, device=self.device).repeat(k)
         positions = prefix.lengths[:, None] + steps[None]
-        mask = llama.branch_mask(lengths, span)
-        hidden, keys, values = llama.forward(
+        mask = cached_attention.branch_mask(lengths, span)
+        hidden, keys, values = cached_attention.forward(
             self.model, self._tokens(tokens.reshape(n, k * span)), positions, prefix, mask
         )
         first = torch.arange(k, device=self.device) * span
@@ -296,7 +296,7 @@ class GuideModel:
             shape = (n, kvh, k, steps, head_dim)
             return [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.pool.layers)]
 
-        past = llama.BranchKV(buffers(), buffers())
+        past = cached_attention.BranchKV(buffers(), buffers())
         alive = cur != eos if eos is not None else torch.ones_like(cur, dtype=torch.bool)
         lengths = torch.zeros_like(cur)
         out = torch.zeros((n, k, steps), dtype=torch.long, device=self.device)
@@ -306,7 +306,7 @@ class GuideModel:
             positions = prefix.lengths[:, None] + t
             # Branch j sees the prefix, its own earlier tokens and itself.
             mask = torch.ones((1, 1, 1, t + 1), dtype=torch.bool, device=self.device).expand(n, k, 1, t + 1)
-            hidden, keys, values = llama.forward(self.model, self._tokens(cur), positions.expand(n, k), prefix,
+            hidden, keys, values = cached_attention.forward(self.model, self._tokens(cur), positions.expand(n, k), prefix,
                                                  mask, past)
             if t == 0:
                 self._keep_first(slots, cur, keys, values, torch.arange(k, device=self.device))
@@ -331,10 +331,10 @@ class GuideModel:
             empty = torch.empty((len(batch), *self.pool.shape[:1], 0, self.pool.shape[1]),
                                 dtype=self.dtype, device=self.device)
             layers = self.pool.layers
-            prefix = llama.PrefixKV([empty] * layers, [empty] * layers, torch.zeros_like(counts))
+            prefix = cached_attention.PrefixKV([empty] * layers, [empty] * layers, torch.zeros_like(counts))
             positions = torch.arange(width, device=self.device)[None].expand(len(batch), width)
-            hidden, _, _ = llama.forward(
-                self.model, tokens, positions, prefix, llama.causal_mask(counts, width)
+            hidden, _, _ = cached_attention.forward(
+                self.model, tokens, positions, prefix, cached_attention.causal_mask(counts, width)
             )
             out.append(self._head(hidden[torch.arange(len(batch)), self._last_real(tokens, counts).clamp(min=0)]))
         return torch.cat(out)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from alignd.rewards.llama import PrefixKV
+from alignd.rewards.cached_attention import PrefixKV
 
 
 class Slot:

@@ -123,7 +123,7 @@ def classify(spec: str, base_tokenizer, kind: str = "reward") -> Route:
             raise GuideError(f"{spec!r}: a {kind} model must be a neural model, not a text function")
         load_text_reward(spec)
         return Route.text
-    from alignd.rewards.llama import unsupported_reason
+    from alignd.rewards.cached_attention import unsupported_reason
 
     cfg, tok = _load_config_and_tokenizer(spec)
     if not _architecture(cfg).endswith("ForSequenceClassification"):
@@ -138,7 +138,7 @@ def classify(spec: str, base_tokenizer, kind: str = "reward") -> Route:
 def check_lm(spec: str, base_tokenizer, base_vocab_size: int, role: str) -> None:
     """A reference or baseline LM must share the served model's vocabulary token for token
     (its logits are mixed with, or its tokens fed to, the served model's) and take the cached path."""
-    from alignd.rewards.llama import unsupported_reason
+    from alignd.rewards.cached_attention import unsupported_reason
 
     cfg, tok = _load_config_and_tokenizer(spec)
     if not _architecture(cfg).endswith("ForCausalLM"):

@@ -174,9 +174,9 @@ def test_attention_in_small_blocks_is_exact(rm, lm, monkeypatch):
     """With tiny limits every call is cut into many forwards (groups of rows) and every
     attention into many row, branch and query blocks; the results must not change (the cuts are
     what bounds memory for heavy requests)."""
-    from alignd.rewards import guide_model, llama
+    from alignd.rewards import cached_attention, guide_model
 
-    monkeypatch.setattr(llama, "BLOCK_SCORES", 64)
+    monkeypatch.setattr(cached_attention, "BLOCK_SCORES", 64)
     monkeypatch.setattr(guide_model, "BRANCH_TOKENS", 5)
     monkeypatch.setattr(guide_model, "ROLLOUT_BYTES", 1)
     rng = random.Random(7)
@@ -206,16 +206,16 @@ def test_attention_in_small_blocks_is_exact(rm, lm, monkeypatch):
 
 
 def count_forwards(monkeypatch) -> list[tuple[int, ...]]:
-    from alignd.rewards import llama
+    from alignd.rewards import cached_attention
 
     calls: list[tuple[int, ...]] = []
-    real = llama.forward
+    real = cached_attention.forward
 
     def counted(model, tokens, *args, **kw):
         calls.append(tuple(tokens.shape))
         return real(model, tokens, *args, **kw)
 
-    monkeypatch.setattr(llama, "forward", counted)
+    monkeypatch.setattr(cached_attention, "forward", counted)
     return calls
 
 

@@ -23,6 +23,7 @@ import torch
 
 from alignd.rewards.text_rewards import nontoxic, package_dir, sentiment
 from alignd.training import vllm_sampling
+from alignd.training.hf_models import encode
 from alignd.training.vllm_sampling import prompt_seed
 
 SEED = 0
@@ -86,16 +87,6 @@ def opening(text: str, seed: int) -> str:
 def sentiment_prompt(review: dict) -> str:
     template = SENTIMENT_TEMPLATES[review["id"] % len(SENTIMENT_TEMPLATES)]
     return template.format(opening=opening(review["text"], SEED * 7919 + review["id"]))
-
-
-def encode(tokenizer, text: str, chat: bool) -> list[int]:
-    """Token ids as alignd's server sees a request: chat messages through the chat template (its
-    text holds every special token), raw text as the completions endpoint encodes it."""
-    if not chat:
-        return tokenizer(text)["input_ids"]
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=False)
-    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
 # -- labellers -------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from alignd.training import demo_data as d
+from alignd.training.hf_models import pad_id
 from alignd.training.reward_model import (
     EPS, assemble, cut_positions, fit_logistic, load_backbone, model_scores, residual_states, top_features,
     top_model, top_scores, train_top,
@@ -72,7 +73,7 @@ def reward_items(tokenizer, samples: list[dict], seed: int) -> list[dict]:
     model's samples; `group` is the source (review or prompt) that decides the split."""
 
     rng = random.Random(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     held = {"imdb": d.heldout_ids(len(d.imdb_reviews())), "rtp": d.heldout_ids(len(d.rtp_prompts()))}
     items = []
     for r in d.imdb_reviews():
@@ -127,7 +128,7 @@ def build_reward(kind: str, base: Path, samples: list[dict], out: Path, seed: in
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     items = reward_items(tokenizer, samples, seed)
     rows = flatten(tokenizer, items)
     print(f"alignd: {kind}: labelling {len(rows)} texts and prefixes", flush=True)

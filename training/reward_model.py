@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from alignd.training.demo_data import COMPUTE_DTYPE
+from alignd.training.hf_models import keep_layers, one_label
 
 EPS = 1e-4  # labels are clipped to [EPS, 1 - EPS] before the loss
 
@@ -32,9 +33,7 @@ def load_backbone(base: str | Path, layers: int, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModel
 
     cfg = AutoConfig.from_pretrained(base)
-    cfg.num_hidden_layers = layers
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[:layers]
+    keep_layers(cfg, 0, layers)
     return AutoModel.from_pretrained(base, config=cfg, dtype=dtype).eval()
 
 
@@ -152,9 +151,7 @@ def top_model(base: str | Path, first: int, last: int):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = AutoConfig.from_pretrained(base)
-    cfg.num_hidden_layers = last - first
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[first:last]
+    keep_layers(cfg, first, last)
     cfg.num_labels = 1
     top = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
     full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).model
@@ -241,13 +238,8 @@ def assemble(base: str | Path, first: int, top, out: Path, meta: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     cfg = AutoConfig.from_pretrained(base)
     layers = first + len(top.model.layers)
-    cfg.num_hidden_layers = layers
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[:layers]
-    cfg.architectures = [cfg.architectures[0].replace("ForCausalLM", "ForSequenceClassification")]
-    cfg.num_labels = 1
-    cfg.problem_type = "regression"
-    cfg.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    keep_layers(cfg, 0, layers)
+    one_label(cfg, tokenizer)
     cfg.alignd_reward = meta
     model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
     full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).model

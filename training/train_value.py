@@ -39,6 +39,7 @@ import torch
 from pydantic import ValidationError
 
 from alignd.rewards.specs import GuideError, parse_named
+from alignd.training.hf_models import pad_id
 from alignd.training.value_data import (
     REWARDS, SAMPLES, encode_prompt, fingerprint_of, finite_or_none, pick_device, read_prompts, sample, score,
 )
@@ -277,9 +278,8 @@ def _run(args: TrainValueSettings, out_dir: Path) -> int:
     mu, sigma = reward[train_idx].mean().item(), reward[train_idx].std().item()
     if not sigma > 0:
         raise GuideError("the training reward is the same for every sample: nothing to learn")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = {"seqs": [s["prompt_ids"] + s["completion_ids"] for s in samples],
-            "prompt_lens": [len(s["prompt_ids"]) for s in samples], "pad_id": pad,
+            "prompt_lens": [len(s["prompt_ids"]) for s in samples], "pad_id": pad_id(tokenizer),
             "reward": reward.float(), "z": ((reward - mu) / sigma).float(), "mu": mu, "sigma": sigma}
     log.info("data: %d samples (%d train, %d held out), R mean %.4g std %.4g", len(samples), len(train_idx),
              len(test_idx), mu, sigma)

@@ -15,6 +15,7 @@ import torch
 
 from alignd.rewards.specs import GuideError
 from alignd.training import vllm_sampling
+from alignd.training.hf_models import encode, pad_id
 from alignd.training.value_settings import TrainValueSettings
 from alignd.training.vllm_sampling import append_jsonl, prompt_seed
 
@@ -57,12 +58,7 @@ def encode_prompt(tokenizer, prompt: str | list[dict], fmt: str) -> list[int]:
     """Token ids as the server's engine would see them: chat prompts go through the chat
     template (its text already holds any BOS, so no special tokens are added again), raw text
     is encoded like vLLM's completions endpoint does (with the tokenizer's special tokens)."""
-    chat = isinstance(prompt, list) or fmt == "chat" or (fmt == "auto" and tokenizer.chat_template)
-    if not chat:
-        return tokenizer(prompt)["input_ids"]
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode(tokenizer, prompt, fmt == "chat" or (fmt == "auto" and bool(tokenizer.chat_template)))
 
 
 def stop_ids(model_path: str, tokenizer) -> list[int]:
@@ -169,8 +165,8 @@ def sample(args: TrainValueSettings, tokenizer, prompts: list[list[int]], out_di
                                 args.samples_per_prompt, args.temperature, args.max_tokens, start)
         vllm_sampling.sample(args.model, [job], path, args.dtype)
     else:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        sample_hf(args.model, prompts, start, args, device, stop_ids(args.model, tokenizer), pad or 0, path)
+        sample_hf(args.model, prompts, start, args, device, stop_ids(args.model, tokenizer), pad_id(tokenizer) or 0,
+                  path)
     rows = read_jsonl(path)
     if len(rows) != len(prompts) * args.samples_per_prompt:
         raise GuideError(f"sampling ended with {len(rows)} samples of {len(prompts) * args.samples_per_prompt}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from alignd.rewards.specs import GuideError, same_vocab
+from alignd.training.hf_models import keep_layers, one_label
 from alignd.training.stats import pearson, spearman
 from alignd.training.value_settings import TrainValueSettings
 from alignd.training.vllm_sampling import prompt_seed
@@ -38,15 +39,8 @@ def load_backbone(spec: str, layers: int | None, base_tokenizer, seed: int):
     if layers is not None:
         if not 1 <= layers <= total:
             raise GuideError(f"--backbone-layers {layers}: the backbone has {total} layers")
-        cfg.num_hidden_layers = layers
-        if getattr(cfg, "layer_types", None):  # per-layer attention kinds (Qwen, Gemma...)
-            cfg.layer_types = cfg.layer_types[:layers]
-    cfg.num_labels = 1
-    cfg.problem_type = "regression"
-    # transformers pools at the last non-pad token, and so does alignd's runtime: the same pad
-    # id everywhere keeps training, `from_pretrained` users and the server in agreement.
-    pad = base_tokenizer.pad_token_id if base_tokenizer.pad_token_id is not None else base_tokenizer.eos_token_id
-    cfg.pad_token_id = pad
+        keep_layers(cfg, 0, layers)
+    one_label(cfg, base_tokenizer)
     torch.manual_seed(seed)
     # ignore_mismatched_sizes: a classifier backbone may have another number of labels.
     model = AutoModelForSequenceClassification.from_pretrained(
