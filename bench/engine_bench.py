@@ -1,6 +1,6 @@
-"""What the engine benchmarks share (`args_speed.py`, `decoders_speed.py`): one in-process alignd
-`Engine`, probes run inside its worker, and the measurement of one method in one cell (their
-models and prompts: inputs.py; their result files: results_file.py).
+"""The engine benchmark's harness (`decoders_speed.py`): one in-process alignd `Engine`, probes run
+inside its worker, and the measurement of one method in one cell (its models and prompts:
+inputs.py; its result files: results_file.py).
 
 A *method* is a name and the `alignment` object its requests carry (None: plain decoding). All
 methods of a run share one engine; `measure` admits all rows of a cell at once (the scheduler is
@@ -155,11 +155,11 @@ def sampling_params(alignment: dict | None, max_tokens: int, request_id: str):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from alignd.decoders.params import AlignmentParams
+    from alignd.decoders.params import AlignmentParams, to_extra_args
 
     extra = None
     if alignment is not None:
-        extra = {"alignd": AlignmentParams(**alignment).engine_args(), "alignd_request": request_id}
+        extra = to_extra_args(AlignmentParams(**alignment), request_id)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=0.0,
@@ -272,7 +272,7 @@ async def measure_cell(engine, method: str, alignment: dict | None, prompts: lis
 
 
 def common_parser(doc: str, out_example: str) -> argparse.ArgumentParser:
-    """The options every engine benchmark shares: models, cells, budgets, device, output."""
+    """The engine's and the measurement's options: models, cells, budgets, device, output."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--base", help="base model folder (default: build SmolLM2-135M-Instruct into --cache)")
     p.add_argument("--cache", type=Path, default=Path("~/.cache/alignd"), help="where models are built")

@@ -40,6 +40,7 @@ alignd; where there is no network, carry a wheel (`pip wheel --no-deps -w dist .
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import statistics
 import sys
@@ -116,8 +117,9 @@ def measure(guide: GuideModel, rows: int, ctx: int, k: int, repeat: int, naive: 
 
 # -- the other decoders ------------------------------------------------------------------------------
 class StubRuntime:
-    """What the decoders ask of the guide runtime (`alignd.rewards.runtime.GuideRuntime`), over
-    in-process models: scorers by (kind, name), the reference / baseline LMs, the eos id."""
+    """The guides the decoders ask for (`alignd.decoders.guides.Guides`, which the engine's guide
+    runtime implements), over in-process models: scorers by kind and name, the reference /
+    baseline LMs, the eos id."""
 
     def __init__(self, reward: GuideModel, value: GuideModel, lm: GuideModel, eos: int | None) -> None:
         from alignd.rewards.scorers import CachedReward
@@ -126,41 +128,36 @@ class StubRuntime:
         self.lms = {"reference": lm, "baseline": lm}
         self.eos = eos
 
-    def scorer(self, kind, name):
-        return self.scorers[kind][name]
+    def scorer(self, kind: str, name: str, cached: bool = True):
+        from alignd.rewards.scorers import Recomputing
 
-    def lm(self, role):
+        scorer = self.scorers[kind][name]
+        return scorer if cached else Recomputing(scorer)
+
+    def lm(self, role: str) -> GuideModel:
         return self.lms[role]
-
-    def guide(self, key):
-        kind, name = key
-        return self.scorer(kind, name) if kind in self.scorers else self.lm(kind)
 
 
 def decoders_importable() -> str | None:
     """None when the real decoder steps can run here, else why not."""
     try:
-        import alignd.decoders.dera  # noqa: F401
-        import alignd.decoders.transfer_q  # noqa: F401
-        import alignd.decoders.vas  # noqa: F401
+        importlib.import_module("alignd.decoders.params")  # the decoder table, pydantic
     except ImportError as e:
         return f"{type(e).__name__}: {e}"
     return None
 
 
-def time_decoder_step(runtime: StubRuntime, decoder: str, alignment: dict, seqs: list[list[int]], vocab: int,
+def time_decoder_step(runtime: StubRuntime, alignment: dict, seqs: list[list[int]], vocab: int,
                       device: torch.device, repeat: int, seed: int) -> float:
-    """Median seconds of one whole decoder step (`alignd.decoders.<decoder>.step`) over len(seqs)
+    """Median seconds of one whole decoder step (its `step` in `alignd.decoders.table`) over len(seqs)
     rows: top-k of the base logits, the guides' work, the scoring. Each step appends the token it
     chooses (argmax of the returned logits) to every row, as the engine would: next step's sync
     commits it (VAS, TQ*: from the candidates' stashed keys/values) or runs it (DeRa)."""
-    import importlib
-
     from alignd.decoders.base import Row
     from alignd.decoders.params import AlignmentParams
 
-    step = importlib.import_module(f"alignd.decoders.{decoder}").step
     params = AlignmentParams(**alignment)
+    step = params.method.step
     rows = [Row(params, f"bench-{i}", list(seq), []) for i, seq in enumerate(seqs)]
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn((len(rows), vocab), generator=g).to(device)
@@ -175,7 +172,30 @@ def time_decoder_step(runtime: StubRuntime, decoder: str, alignment: dict, seqs:
             return timed(one, device, repeat)
     finally:
         for row in reversed(rows):
-            row.release(runtime)
+            row.release()
+
+
+def f(x: float | None, d: int = 2) -> str:
+    return "-" if x is None else f"{x:.{d}f}"
+
+
+def fx(x: float | None, d: int = 2) -> str:
+    return "-" if x is None else f"{x:.{d}f}x"
+
+
+def mark(x: float | None, goal: float) -> str:
+    return "" if x is None else (" MET" if x >= goal else " MISSED")
+
+
+def proxy_row(rows: int, ctx: int, part: float, step: float | None, lm_step: float, goal: float, part_name: str,
+              lm_column: bool) -> str:
+    """A VAS or DeRa table row: the guide's part alone, the whole decoder step, their ratio, the LM
+    step (when it is a column of its own), and the share of plain decoding's rate left, LM step /
+    (LM step + decoder step), with the part alone where the decoder step could not be timed."""
+    x = lm_step / (lm_step + (step or part))
+    lm = f" {f(lm_step * 1e3)} |" if lm_column else ""
+    return (f"| {rows} | {ctx} | {f(part * 1e3)} | {f(step and step * 1e3)} | {fx(step and step / part)} |{lm} "
+            f"{fx(x)}{mark(x, goal)}{'' if step else f' ({part_name} only)'} |")
 
 
 def decoder_cells(args, device, dtype) -> list[str]:
@@ -225,9 +245,6 @@ def decoder_cells(args, device, dtype) -> list[str]:
                        f"| from scratch ms | from scratch / TQ* step (target >= {TQ_TARGET:.0f}x) | rows timed (rollout) |",
                        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"],
     }
-    f = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
-    fx = lambda x, d=2: "-" if x is None else f"{x:.{d}f}x"  # noqa: E731
-    mark = lambda x, goal: "" if x is None else (" MET" if x >= goal else " MISSED")  # noqa: E731
     for rows in args.rows:
         for ctx in args.contexts:
             g = torch.Generator().manual_seed(rows * 1000 + ctx)
@@ -238,22 +255,17 @@ def decoder_cells(args, device, dtype) -> list[str]:
             for d in args.decoders:
                 if d != "args" and why_not is None:
                     reps = args.tq_repeat if d == "transfer_q" else args.repeat
-                    step[d] = time_decoder_step(runtime, d, alignments[d], seqs, SMOLLM2["vocab_size"], device,
+                    step[d] = time_decoder_step(runtime, alignments[d], seqs, SMOLLM2["vocab_size"], device,
                                                 reps, seed)
             if "vas" in args.decoders:
                 fwd = time_score_candidates(value, seqs, k, args.repeat, seed)["median_s"]
-                s = step.get("vas")
-                x = lm_step / (lm_step + (s or fwd))
-                tables["vas"].append(
-                    f"| {rows} | {ctx} | {f(fwd * 1e3)} | {f(s and s * 1e3)} | {fx(s and s / fwd)} | {f(lm_step * 1e3)} "
-                    f"| {fx(x)}{mark(x, VAS_TARGET)}{'' if s else ' (value fwd only)'} |")
+                tables["vas"].append(proxy_row(rows, ctx, fwd, step.get("vas"), lm_step, VAS_TARGET, "value fwd",
+                                               lm_column=True))
                 print(tables["vas"][-1], flush=True)
             if "dera" in args.decoders:
-                s = step.get("dera")
-                x = lm_step / (lm_step + (s or lm_step))
-                tables["dera"].append(
-                    f"| {rows} | {ctx} | {f(lm_step * 1e3)} | {f(s and s * 1e3)} | {fx(s and s / lm_step)} "
-                    f"| {fx(x)}{mark(x, DERA_TARGET)}{'' if s else ' (reference step only)'} |")
+                # DeRa's own guide part is the reference LM step: no separate LM step column
+                tables["dera"].append(proxy_row(rows, ctx, lm_step, step.get("dera"), lm_step, DERA_TARGET,
+                                                "reference step", lm_column=False))
                 print(tables["dera"][-1], flush=True)
             if "transfer_q" in args.decoders:
                 bare = time_transfer_q(lm, reward, seqs, k, n, args.tq_repeat, seed)

@@ -1,8 +1,8 @@
 """Timings of the guide models' bare compute, shared by the benchmarks (torch only, no vLLM).
 
-`args_speed.py` / `decoders_speed.py` ship these functions into the vLLM engine worker through
-`collective_rpc` (they time the worker's own loaded guide models there); `guide_step.py` calls
-them in process where vLLM cannot run (the lent GPU machine).
+`decoders_speed.py` ships these functions into the vLLM engine worker through `collective_rpc`
+(they time the worker's own loaded guide models there); `guide_step.py` calls them in process
+where vLLM cannot run (the lent GPU machine).
 
 - `time_score_candidates`: one forward of rows x k candidate tokens against each row's cached
   prefix (`GuideModel.score_candidates`): the scoring part of an ARGS step (reward model) or of a
@@ -13,6 +13,9 @@ them in process where vLLM cannot run (the lent GPU machine).
 - `time_transfer_q`: a Transfer Q* step's two parts, the baseline's batched greedy rollouts
   (`GuideModel.rollout`, rows x k branches, forked from the cached prefixes) and one tree-masked
   reward forward over the k branches of 1 + rollout tokens (`GuideModel.score_branches`);
+- `time_score_candidates_fresh`: `time_score_candidates` in a process of its own, the score model
+  loaded from its folder as the engine worker loads it (decoders_speed's cross-check of the
+  worker's timings, with the worker's threads and cores);
 - `time_regenerate`: the same Transfer Q* step as the reference code does it, from scratch with
   plain transformers: per row, `generate` the k rollouts from [s, v] (prompt prefill included;
   the k candidates of a row batched in one call, to be generous to it), then the reward model
@@ -24,6 +27,7 @@ wall time of the timing thread; < 1 means another process took the core).
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -76,6 +80,28 @@ def time_score_candidates(guide, prompts: list[list[int]], k: int, reps: int, se
             for slot in reversed(slots):  # last first: closing moves no cache rows
                 guide.close(slot)
     return out
+
+
+def time_score_candidates_fresh(folder: str, dtype: str, max_len: int, prompt_sets: list[list[list[int]]], k: int,
+                                reps: int, threads: int | None, affinity: list[int] | None) -> tuple[list[dict], str]:
+    """`time_score_candidates` for each prompt set, in this (fresh) process: the one-label score model
+    at `folder` loaded as the worker loads it, on `threads` torch threads pinned to `affinity`.
+    Returns the timings and a line saying where they ran."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignd.rewards.guide_model import GuideModel
+
+    if threads:
+        torch.set_num_threads(threads)
+    if affinity and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, affinity)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device)
+    guide = GuideModel(model, "score", max_len + 1)
+    out = [time_score_candidates(guide, prompts, k, reps, 0) for prompts in prompt_sets]
+    aff = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+    return out, f"fresh process for bare forwards (after engine shutdown): torch threads {torch.get_num_threads()}, " \
+                f"cpu affinity {aff}"
 
 
 def time_lm_step(guide, prompts: list[list[int]], reps: int, seed: int) -> dict:

@@ -1,12 +1,13 @@
-"""What the engine benchmarks run on: prompts cut from English text, and the models they build
-into the cache folder (never into git), each written atomically."""
+"""What the engine benchmark runs on: prompts cut from English text, and the models it builds
+into the cache folder (never into git), each through the model factory's atomic build step
+(alignd.training.steps)."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
-import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 FALLBACK_TEXT = """\
@@ -46,22 +47,21 @@ def make_prompts(tokenizer, rows: int, length: int) -> list[list[int]]:
     return prompts
 
 
+def _build(cache: Path, name: str, make: Callable[[Path], object]) -> Path:
+    """cache/name, made by make(tmp) and renamed into place by the model factory's build step
+    (kept when it exists)."""
+    from alignd.training.steps import step
+
+    cache.mkdir(parents=True, exist_ok=True)
+    return step(cache, name, make, {})
+
+
 def ensure_base(base: str | None, cache: Path) -> Path:
     if base:
         return Path(base).expanduser()
     from alignd.training.base_model import MODEL, convert_smollm2
-    from alignd.training.steps import step
 
-    cache.mkdir(parents=True, exist_ok=True)
-    return step(cache, MODEL, convert_smollm2, {})
-
-
-def _save_atomically(out: Path, save) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    save(tmp)
-    tmp.rename(out)
-    return out
+    return _build(cache, MODEL, convert_smollm2)
 
 
 def ensure_score_model(base: Path, cache: Path, seed: int, layers: int | None = None, tag: str = "rm") -> Path:
@@ -69,26 +69,24 @@ def ensure_score_model(base: Path, cache: Path, seed: int, layers: int | None = 
     its first `layers` decoder layers (all when None) and final norm, and a seeded random score
     head. `tag` names it (`<base>-rm-bench-seed0`, `<base>-value8-bench-seed0`). Timings depend
     only on shapes, so the random head does not matter."""
-    out = cache / f"{base.name}-{tag}-bench-seed{seed}"
-    if (out / "config.json").exists():
-        return out
+    return _build(cache, f"{base.name}-{tag}-bench-seed{seed}",
+                  lambda tmp: _make_score_model(base, tmp, seed, layers))
+
+
+def _make_score_model(base: Path, out: Path, seed: int, layers: int | None) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
 
-    print(f"bench: building {out} (base backbone{f', first {layers} layers' if layers else ''} "
-          "+ random score head)", flush=True)
+    from alignd.training.hf_models import keep_layers, one_label
+
+    print(f"bench: base backbone{f', first {layers} layers' if layers else ''} + random score head", flush=True)
     tok = AutoTokenizer.from_pretrained(base)
     cfg = AutoConfig.from_pretrained(base)
-    cfg.num_labels = 1
-    cfg.architectures = ["LlamaForSequenceClassification"]
-    if cfg.pad_token_id is None:
-        cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    one_label(cfg, tok)
     if layers is not None:
         if not 1 <= layers <= cfg.num_hidden_layers:
             raise SystemExit(f"bench: the base has {cfg.num_hidden_layers} layers, asked for {layers}")
-        cfg.num_hidden_layers = layers
-        if getattr(cfg, "layer_types", None):
-            cfg.layer_types = cfg.layer_types[:layers]
+        keep_layers(cfg, 0, layers)
     lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = LlamaForSequenceClassification(cfg).to(torch.float32)
     state = {name: t for name, t in lm.model.state_dict().items()
@@ -97,12 +95,8 @@ def ensure_score_model(base: Path, cache: Path, seed: int, layers: int | None = 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=g) * cfg.hidden_size**-0.5)
-
-    def save(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-
-    return _save_atomically(out, save)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 def ensure_reward_model(base: Path, cache: Path, seed: int) -> Path:
@@ -113,8 +107,5 @@ def ensure_reward_model(base: Path, cache: Path, seed: int) -> Path:
 def ensure_copy(base: Path, cache: Path, tag: str) -> Path:
     """A copy of the base model's folder under another path (`<base>-<tag>-bench`): the engine
     loads it as a separate model (e.g. DeRa's reference, same family and size as the base)."""
-    out = cache / f"{base.name}-{tag}-bench"
-    if (out / "config.json").exists():
-        return out
-    print(f"bench: copying {base} to {out}", flush=True)
-    return _save_atomically(out, lambda tmp: shutil.copytree(base, tmp))
+    # the build step hands copytree an empty temp folder
+    return _build(cache, f"{base.name}-{tag}-bench", lambda tmp: shutil.copytree(base, tmp, dirs_exist_ok=True))

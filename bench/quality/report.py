@@ -1,4 +1,5 @@
-"""Tables, bootstrap intervals, plots and the markdown report."""
+"""The markdown report: its tables, the papers' claims computed, examples, and the file itself
+(numbers: summary.py; plots: plots.py)."""
 
 from __future__ import annotations
 
@@ -10,102 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.quality import stats
-from bench.quality.methods import FAMILIES
-
-HELDOUT_NAME = {"sentiment": "VADER compound", "detox": "clean (no Surge-list term)"}
-LABELLER_NAME = {"sentiment": "spaCy P(pos)", "detox": "profanity-check P(off)"}
-COLORS = {"greedy": "black", "sample": "grey", "bon": "tab:blue", "args": "tab:red", "tq": "tab:purple",
-          "vas": "tab:green", "dera": "tab:orange"}
-
-
-def sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def per_sample(task: str, reward: str, res: dict, sc: dict, logodds: bool) -> dict[str, dict]:
-    out = {}
-    for s, d in zip(res["samples"], sc["samples"]):
-        r = s["rewards"][reward]
-        held = d["vader"] if task == "sentiment" else 1.0 - float(bool(d["surge_terms"]))
-        out[s["id"]] = {"reward": r, "p": sigmoid(r) if logodds else r, "heldout": held, "labeller": d["labeller"],
-                        "nll": d["nll"], "ntok": d["ntok_judge"], "div": d["args_diversity"],
-                        "tokens": len(s["token_ids"]), "eos": s["finish"] == "stop",
-                        "severity": d.get("surge_max_severity", 0.0), "notes": len(s["notes"])}
-    return out
-
-
-def mean_ci(x: list[float], seed: int = 0) -> tuple[float, float, float]:
-    a = np.asarray([v for v in x if math.isfinite(v)], dtype=float)
-    if not len(a):
-        return (float("nan"),) * 3
-    rng = np.random.default_rng(seed)
-    m = a[rng.integers(0, len(a), size=(stats.RESAMPLES, len(a)))].mean(axis=1)
-    lo, hi = np.percentile(m, [2.5, 97.5])
-    return float(a.mean()), float(lo), float(hi)
-
-
-def summarize(tasks: dict, scores: dict, models: dict) -> dict:
-    """{task: {method: summary}} in a stable order (family, parameter)."""
-    table: dict = {}
-    for (task, name), (res, sc) in scores.items():
-        t = tasks[task]
-        logodds = not models["rewards"][t.reward].startswith("py:")
-        ps = per_sample(task, t.reward, res, sc, logodds)
-        n = len(ps)
-        ntok = sum(v["ntok"] for v in ps.values())
-        table.setdefault(task, {})[name] = {
-            "method": res["method"], "family": res["method"]["family"], "samples": ps, "n": n,
-            "reward": mean_ci([v["reward"] for v in ps.values()]),
-            "p": float(np.mean([v["p"] for v in ps.values()])),
-            "heldout": mean_ci([v["heldout"] for v in ps.values()]),
-            "labeller": float(np.mean([v["labeller"] for v in ps.values()])),
-            "ppl": math.exp(sum(v["nll"] for v in ps.values()) / ntok) if ntok else float("nan"),
-            "ppl_median": float(np.median([math.exp(v["nll"] / v["ntok"]) for v in ps.values() if v["ntok"]]))
-            if ntok else float("nan"),
-            "distinct2": sc["distinct2"], "distinct3": sc["distinct3"],
-            "div": float(np.mean([v["div"] for v in ps.values()])),
-            "tokens": float(np.mean([v["tokens"] for v in ps.values()])),
-            "eos": float(np.mean([v["eos"] for v in ps.values()])),
-            "severity": float(np.mean([v["severity"] for v in ps.values()])),
-            "notes": sum(v["notes"] for v in ps.values()),
-            "wall_s": res["wall_s"], "generated": res["generated_tokens"],
-            "tps": res["generated_tokens"] / res["wall_s"], "s_per_sample": res["wall_s"] / n,
-            "cpu": res["worker_cpu_share"], "load": res["load_avg"], "date": res["date"],
-            "candidate_totals": [s["candidate_totals"] for s in res["samples"]] if res["samples"] and
-            res["samples"][0].get("candidate_totals") else None,
-            "engine": res.get("engine", {}).get("label"),
-        }
-    order = {f: i for i, f in enumerate(FAMILIES)}
-    for task in table:
-        table[task] = dict(sorted(table[task].items(),
-                                  key=lambda kv: (order[kv[1]["family"]], kv[1]["method"].get("n", 1) *
-                                                  kv[1]["method"].get("choices", 1),
-                                                  next((kv[1]["method"][k] for k in ("weight", "beta", "lam")
-                                                        if kv[1]["method"].get(k) is not None), 0))))
-    return table
-
-
-def paired(a: dict, b: dict, key: str, compare=stats.paired_diff) -> dict:
-    """`compare` of one per-sample measure of two methods over the prompts both ran."""
-    ids = [i for i in a if i in b]
-    return compare([a[i][key] for i in ids], [b[i][key] for i in ids])
-
-
-def diffs(summary: dict, ref: str = "greedy") -> dict:
-    """Paired differences to `ref` on guided reward, held-out score and labeller."""
-    out = {}
-    for task, rows in summary.items():
-        if ref not in rows:
-            continue
-        g = rows[ref]["samples"]
-        for name, row in rows.items():
-            s = row["samples"]
-            out[(task, name)] = {
-                "reward": paired(s, g, "reward"),
-                "heldout": paired(s, g, "heldout"),
-                "p_rel": paired(s, g, "p", stats.ratio_ci),
-            }
-    return out
+from bench.quality.plots import plots
+from bench.quality.summary import HELDOUT_NAME, LABELLER_NAME, bon_curve, diffs, paired, summarize
 
 
 def f(x: float, d: int = 3) -> str:
@@ -142,22 +49,6 @@ def tables(task: str, rows: dict, dd: dict, logodds: bool) -> str:
                      f"| {f(r['tps'], 1)} | {f(r['s_per_sample'], 2)} | {f(100 * r['cpu'], 0)} | {r['notes']} |")
     return quality + "\n\n" + "\n".join(lines)
 
-
-def bon_curve(rows: dict) -> dict[int, float] | None:
-    """Expected best-of-n reward from the largest best-of pool (first n candidates of each prompt)."""
-    pools = [r["candidate_totals"] for r in rows.values() if r["candidate_totals"]]
-    if not pools:
-        return None
-    pool = pools[-1]
-    size = min(len(p) for p in pool)
-    out = {}
-    n = 1
-    while n <= size:
-        # unbiased: average of max over disjoint groups of n within each prompt's pool
-        vals = [np.mean([max(p[j: j + n]) for j in range(0, size - n + 1, n)]) for p in pool]
-        out[n] = float(np.mean(vals))
-        n *= 2
-    return out
 
 
 # -- claims -------------------------------------------------------------------------------------
@@ -203,79 +94,6 @@ def claims(summary: dict, dd: dict) -> list[str]:
 
 def v_n(row: dict) -> int:
     return row["method"]["n"] * row["method"]["choices"]
-
-
-# -- plots -----------------------------------------------------------------------------------------
-def plots(summary: dict, out_dir: Path, stem: str) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-    tasks = list(summary)
-    # 1. score vs cost, every method
-    fig, axes = plt.subplots(2, len(tasks), figsize=(6.5 * len(tasks), 9), squeeze=False)
-    for j, task in enumerate(tasks):
-        for i, (key, ylabel) in enumerate((("reward", "guided reward (mean)"), ("heldout", HELDOUT_NAME[task]))):
-            ax = axes[i][j]
-            offsets = [(4, 4), (4, -10), (-6, 8), (-6, -14)]
-            for k, (name, r) in enumerate(summary[task].items()):
-                m, lo, hi = r[key]
-                ax.errorbar(r["s_per_sample"], m, yerr=[[m - lo], [hi - m]], fmt="o", color=COLORS[r["family"]],
-                            capsize=2, ms=5, alpha=0.8)
-                ax.annotate(name, (r["s_per_sample"], m), fontsize=7, xytext=offsets[k % len(offsets)],
-                            textcoords="offset points", color=COLORS[r["family"]])
-            ax.set_xscale("log")
-            ax.set_xlabel("wall seconds per sample (all prompts batched, log scale)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{task}: {'guided' if key == 'reward' else 'held-out'} score vs cost")
-            ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=fam) for fam, c in COLORS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=len(COLORS))
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    name = f"{stem}_cost.png"
-    fig.savefig(out_dir / name, dpi=110)
-    plt.close(fig)
-    made.append((name, "Guided (top) and held-out (bottom) score vs wall time per sample; bars: 95 % bootstrap "
-                       "interval of the mean"))
-
-    # 2. sweeps: DeRa over lambda, ARGS over weight (with greedy as w = 0), VAS over beta
-    for fam, xname, key0 in (("dera", "lambda", "lam"), ("args", "weight w", "weight"), ("vas", "beta", "beta")):
-        rows_by_task = {t: {k: v for k, v in summary[t].items() if v["family"] == fam} for t in tasks}
-        rows_by_task = {t: v for t, v in rows_by_task.items() if v}
-        if not rows_by_task:
-            continue
-        fig, axes = plt.subplots(len(rows_by_task), 3, figsize=(15, 4 * len(rows_by_task)), squeeze=False)
-        for i, (task, rows) in enumerate(rows_by_task.items()):
-            pts = sorted((v["method"][key0], v) for v in rows.values())
-            if fam == "args" and "greedy" in summary[task]:
-                pts = [(0.0, summary[task]["greedy"])] + pts
-            if fam == "vas" and "sample" in summary[task]:
-                pts = [(0.0, summary[task]["sample"])] + pts
-            xs = [p[0] for p in pts]
-            for j, (key, label) in enumerate((("reward", "guided reward"), ("heldout", HELDOUT_NAME[task]),
-                                              ("ppl", "Gemma-3-270M perplexity"))):
-                ax = axes[i][j]
-                if key == "ppl":
-                    ax.plot(xs, [p[1]["ppl"] for p in pts], "o-", color=COLORS[fam])
-                else:
-                    m = np.array([p[1][key][0] for p in pts])
-                    lo = np.array([p[1][key][1] for p in pts])
-                    hi = np.array([p[1][key][2] for p in pts])
-                    ax.errorbar(xs, m, yerr=[m - lo, hi - m], fmt="o-", color=COLORS[fam], capsize=3)
-                ax.set_xlabel(xname + (" (0 = greedy)" if fam == "args" else " (0 = plain sampling)"
-                                       if fam == "vas" else ""))
-                ax.set_ylabel(label)
-                ax.set_title(f"{task}: {fam.upper() if fam != 'dera' else 'DeRa'} {label} vs {xname}")
-                ax.grid(alpha=0.3)
-        fig.tight_layout()
-        name = f"{stem}_{fam}.png"
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        made.append((name, f"{fam}: guided reward, held-out score (95 % bootstrap intervals of the mean) and "
-                           f"perplexity against {xname}"))
-    return made
 
 
 # -- the report ----------------------------------------------------------------------------------
