@@ -1,0 +1,42 @@
+"""`/v1/completions`: text prompts or token ids, one or many."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from alignd.server import generate
+from alignd.server.checks import authorized, body_schema, check_request, fits, read_json
+from alignd.server.schemas import Completion, CompletionChoice, CompletionChunk, CompletionRequest
+from alignd.server.serving import Reply, Shared, serve
+
+router = APIRouter(dependencies=[Depends(authorized)])
+
+
+def choice(c: generate.Choice | generate.Delta, token_ids: bool) -> CompletionChoice:
+    return CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason, alignment=c.alignment,
+                            token_ids=c.token_ids if token_ids and isinstance(c, generate.Choice) else None)
+
+
+REPLY = Reply("cmpl", Completion, CompletionChunk, choice, lambda d, first: choice(d, False))
+
+
+# The route reads its body itself (read_json): FastAPI would parse it on the event loop.
+@router.post("/v1/completions", response_model=Completion, openapi_extra=body_schema(CompletionRequest))
+async def completions(request: Request, shared: Shared) -> Response:
+    req = await read_json(request, CompletionRequest, shared.settings.max_request_bytes)
+    check_request(shared, req)
+    raw = req.prompt
+    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+        raw = [raw]
+
+    def encode() -> list[list[int]]:
+        for p in raw:
+            if isinstance(p, str):
+                fits(shared.engine, p)
+        return [shared.engine.encode(p) for p in raw]
+
+    prompts = await asyncio.to_thread(encode)
+    return await serve(request, shared, req, prompts, req.max_tokens, REPLY)

@@ -1,0 +1,177 @@
+"""The HTTP layer alone, in-process and in seconds: a stand-in engine (no vLLM engine starts) and
+generate.run/stream replaced by fixed choices. The response bodies must keep the exact JSON
+that OpenAI's clients read: which fields are null, which are left out, and when."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+
+from alignd.server import generate
+from alignd.server.app import create_app
+from alignd.server.config import ServeSettings
+from alignd.server.schemas import Candidate, ChoiceAlignment
+
+KEY = "k"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+async def _no_stats():
+    return None
+
+
+def _engine(alive: bool = True) -> SimpleNamespace:
+    return SimpleNamespace(alive=alive, llm=None, max_model_len=64, vocab_limit=100, max_token_chars=4, routes={},
+                           encode=lambda p: [1, 2, 3] if isinstance(p, str) else list(p),
+                           encode_chat=lambda messages: [1, 2], stats=_no_stats)
+
+
+def _client(**settings) -> TestClient:
+    s = ServeSettings(model="m", served_model_name="tiny", api_key=KEY, rewards={"a": "x"}, **settings)
+    # Not entered as a context manager: the lifespan (which starts the engine) does not run.
+    return TestClient(create_app(s, _engine()), raise_server_exceptions=False)
+
+
+BEST = ChoiceAlignment(decoder="best_of_n", rewards={}, total=None, notes=["reward 'a' failed"],
+                       candidates=[Candidate(text="hi", rewards={}, total=None)])
+
+
+@pytest.fixture
+def answers(monkeypatch):
+    """Two choices: the first aligned with a failed reward (total null), the second plain."""
+    async def run(plan):
+        plan.usage["completion_tokens"] = 3
+        return [generate.Choice(0, "hi", [4, 5], "stop", BEST), generate.Choice(1, "yo", [6], "length")]
+
+    async def stream(plan):
+        for d in (generate.Delta(0, "h"), generate.Delta(1, "y"), generate.Delta(0, "i", "stop", BEST),
+                  generate.Delta(1, "o", "length")):
+            yield d
+
+    monkeypatch.setattr(generate, "run", run)
+    monkeypatch.setattr(generate, "stream", stream)
+
+
+def _events(text: str) -> list:
+    data = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_completion_body(answers):
+    r = _client().post("/v1/completions", headers=AUTH, json={"model": "tiny", "prompt": "x", "n": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "tiny"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    first, second = body["choices"]
+    assert first == {"index": 0, "text": "hi", "logprobs": None, "finish_reason": "stop", "alignment": {
+        "decoder": "best_of_n", "rewards": {}, "total": None, "notes": ["reward 'a' failed"],
+        "candidates": [{"text": "hi", "rewards": {}, "total": None}]}}
+    assert second == {"index": 1, "text": "yo", "logprobs": None, "finish_reason": "length"}
+
+
+def test_chat_body_with_token_ids(answers):
+    r = _client().post("/v1/chat/completions", headers=AUTH, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x"}], "return_token_ids": True})
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    second = body["choices"][1]
+    assert second == {"index": 1, "message": {"role": "assistant", "content": "yo"}, "logprobs": None,
+                      "finish_reason": "length", "token_ids": [6]}
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_chat_chunks(answers, include_usage):
+    r = _client().post("/v1/chat/completions", headers=AUTH, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": True,
+        "stream_options": {"include_usage": include_usage}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = _events(r.text)
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    if include_usage:
+        *chunks, last = chunks
+        assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 2, "completion_tokens": 0, "total_tokens": 2}
+        assert all("usage" in c and c["usage"] is None for c in chunks)
+    else:
+        assert all("usage" not in c for c in chunks)
+    deltas = [c["choices"][0] for c in chunks]
+    assert [d["delta"] for d in deltas] == [{"content": "h", "role": "assistant"}, {"content": "y", "role": "assistant"},
+                                            {"content": "i"}, {"content": "o"}]
+    assert [d["finish_reason"] for d in deltas] == [None, None, "stop", "length"]
+    assert all(d["logprobs"] is None and "logprobs" in d for d in deltas)
+    assert deltas[2]["alignment"]["total"] is None and all("alignment" not in deltas[i] for i in (0, 1, 3))
+
+
+def test_completion_chunks(answers):
+    r = _client().post("/v1/completions", headers=AUTH, json={"model": "tiny", "prompt": [1, 2], "stream": True,
+                                                                 "return_token_ids": True})
+    chunks = _events(r.text)
+    assert [c["choices"][0]["text"] for c in chunks] == ["h", "y", "i", "o"]
+    assert all(c["object"] == "text_completion" and "token_ids" not in c["choices"][0] for c in chunks)
+
+
+def test_a_stream_that_fails_ends_with_an_error_event(monkeypatch):
+    async def stream(plan):
+        yield generate.Delta(0, "h")
+        raise TimeoutError("rpc")
+
+    monkeypatch.setattr(generate, "stream", stream)
+    r = _client().post("/v1/completions", headers=AUTH, json={"model": "tiny", "prompt": "x", "stream": True})
+    *_, error = _events(r.text)
+    assert error["error"]["code"] == 503 and "did not answer in time" in error["error"]["message"]
+
+
+def test_models_and_health():
+    client = _client(reference="ref")
+    assert client.get("/health").json() == {"status": "ok"}
+    body = client.get("/v1/models", headers=AUTH).json()
+    card = body["data"][0]
+    assert body["object"] == "list" and card["id"] == "tiny" and card["object"] == "model"
+    assert card["owned_by"] == "alignd" and card["max_model_len"] == 64 and isinstance(card["created"], int)
+    # vas has no value model on this server: it is not listed
+    assert card["alignment"] == {"decoders": ["args", "transfer_q", "vas", "best_of_n", "dera"], "rewards": ["a"],
+                                 "values": []}
+    assert "dera" not in _client().get("/v1/models", headers=AUTH).json()["data"][0]["alignment"]["decoders"]
+
+
+@pytest.mark.parametrize("path,headers,body,status,words", [
+    ("/v1/models", {}, None, 401, "API key"),
+    ("/v1/models", {"Authorization": b"Bearer wrong\xe9"}, None, 401, "API key"),
+    ("/v1/completions", AUTH, {"model": "other", "prompt": "x"}, 404, "does not exist"),
+    ("/v1/completions", AUTH, {"model": "tiny", "prompt": "x" * 1000}, 400, "characters"),
+    ("/v1/completions", AUTH, {"model": "tiny", "prompt": "x", "alignment": {"decoder": "args", "rewards": {"b": 1}}},
+     400, "unknown reward 'b'"),
+    ("/v1/completions", AUTH, {"model": "tiny", "prompt": "x", "alignment": {
+        "decoder": "args", "rewards": {"a": 1}, "reward_cache": False}}, 400, "--allow-reward-recompute"),
+    ("/v1/chat/completions", AUTH, {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "alignment": {
+        "decoder": "dera", "rewards": {"a": 1}}}, 400, "dera needs a reference"),
+    ("/v1/completions", AUTH, "{broken", 400, "not valid JSON"),
+])
+def test_refusals_are_openai_errors(path, headers, body, status, words):
+    client = _client()
+    kw = {"content": body} if isinstance(body, str) else {"json": body}
+    r = client.post(path, headers=headers, **kw) if body is not None else client.get(path, headers=headers)
+    assert r.status_code == status and words in r.json()["error"]["message"], r.text
+
+
+def test_openapi_has_every_body():
+    schema = _client().get("/openapi.json").json()
+    parts = schema["components"]["schemas"]
+    for name in ("CompletionRequest", "ChatRequest", "ChatMessage", "Completion", "ChatCompletion", "ModelList"):
+        assert name in parts, name
+    refs = {m.removeprefix("#/components/schemas/") for m in _refs(schema)}
+    assert refs <= parts.keys(), refs - parts.keys()
+    post = schema["paths"]["/v1/completions"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/CompletionRequest")
+
+
+def _refs(node) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "$ref"] + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
