@@ -15,6 +15,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from alignd.decoders.params import AlignmentParams
+from alignd.decoders.table import Decoder
 from alignd.server.config import ServeSettings
 from alignd.server.engine import Engine
 from alignd.server.errors import HTTPError, validation_message
@@ -77,9 +78,29 @@ def check_alignment(settings: ServeSettings, al: AlignmentParams) -> None:
         raise HTTPError(400, "reward_cache=false (recompute every candidate from the whole text) is off on "
                         "this server: its steps can stall every request; start it with "
                         "--allow-reward-recompute to benchmark it", "alignment.reward_cache")
-    if al.decoder == "dera" and settings.reference is None:
-        raise HTTPError(400, "dera needs a reference model: start the server with --reference PATH_OR_ID",
-                        "alignment.decoder")
+    why = missing(settings, al.method)
+    if why is not None:
+        raise HTTPError(400, f"{al.decoder} needs {why}", "alignment.decoder")
+
+
+# What each need of a decoder (decoders/table.py) asks of the server's start-up configuration.
+STARTED_WITH = {
+    "rewards": ("a reward model", "--reward NAME=SPEC"),
+    "values": ("a value model", "--value NAME=SPEC"),
+    "reference": ("a reference model", "--reference PATH_OR_ID"),
+}
+
+
+def missing(settings: ServeSettings, decoder: Decoder) -> str | None:
+    """What this server lacks to run `decoder`, or None when it has everything (the Transfer Q*
+    baseline defaults to the served model)."""
+    have = {"rewards": bool(settings.rewards), "values": bool(settings.values),
+            "reference": settings.reference is not None}
+    for need in sorted(decoder.needs & STARTED_WITH.keys()):
+        if not have[need]:
+            what, flag = STARTED_WITH[need]
+            return f"{what}: start the server with {flag}"
+    return None
 
 
 def fits(engine: Engine, text: str) -> None:

@@ -6,7 +6,8 @@ import time
 
 from fastapi import APIRouter, Depends
 
-from alignd.server.checks import authorized
+from alignd.decoders.table import DECODERS
+from alignd.server.checks import authorized, missing
 from alignd.server.config import ServeSettings
 from alignd.server.schemas import ModelAlignment, ModelCard, ModelList
 from alignd.server.serving import Shared
@@ -15,8 +16,8 @@ router = APIRouter(dependencies=[Depends(authorized)])
 
 
 def decoders(settings: ServeSettings) -> list[str]:
-    """The decoders this server can run: dera only with a reference model."""
-    return ["args", "transfer_q", "vas", "best_of_n"] + (["dera"] if settings.reference else [])
+    """The decoders this server has every model for (decoders/table.py)."""
+    return [name for name, decoder in DECODERS.items() if missing(settings, decoder) is None]
 
 
 @router.get("/v1/models")
