@@ -71,9 +71,12 @@ def test_no_server_error_over_a_thousand_generated_requests(hostile_server, tmp_
     path.write_text(json.dumps(narrowed(schema, hostile_server.model, sorted(cfg["rewards"]), sorted(cfg["values"]))))
     report = tmp_path / "schemathesis.json"
     st = [sys.executable, "-c", "from schemathesis.cli import schemathesis; schemathesis()"]
+    # One worker: with two, schemathesis itself crashed twice in 2026-12 runs ("SystemError: AST
+    # constructor recursion depth mismatch", CPython 3.11's ast used from several threads), with
+    # the old app's schema too: a failure of the tool, not of the server.
     run = subprocess.run(
         [*st, "run", str(path), "--url", hostile_server.url, "-H", f"Authorization: Bearer {API_KEY}",
-         "--checks", "not_a_server_error", "--max-examples", "250", "--seed", "20261203", "--workers", "2",
+         "--checks", "not_a_server_error", "--max-examples", "250", "--seed", "20261203", "--workers", "1",
          "--request-timeout", "120", "--generation-database", "none", "--no-color",
          "--report", "json", "--report-json-path", str(report)],
         capture_output=True, text=True, timeout=900,
