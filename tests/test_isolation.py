@@ -155,7 +155,9 @@ def test_most_expensive_transfer_q_request_runs_in_bounded_memory_beside_plain_o
     watcher.join()
     assert resp.status_code == 200, resp.text
     choices = resp.json()["choices"]
-    assert len(choices) == 8 and all(len(c["text"]) > 0 for c in choices)
+    # A random-weight model may sample tokens that decode to no text, so count tokens, not characters.
+    assert len(choices) == 8 and all(c["finish_reason"] == "length" for c in choices)
+    assert resp.json()["usage"]["completion_tokens"] == 8 * 3
     assert plain_done >= 1
     growth = (peak[0] - base_rss) / 2**30
     print(f"heavy transfer_q: engine RSS grew {growth:.2f} GiB at peak; {plain_done} plain requests beside it")
