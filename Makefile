@@ -40,3 +40,29 @@ quality: models
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The container image (Dockerfile) and deploy/ (deploy/README.md). wheels-*: the wheelhouse the
+# image installs from (reads the network; the image build does not). image: the cpu target,
+# built here on a Docker engine it starts if none answers, from a debootstrapped Debian base
+# unless CPU_BASE_IMAGE is given. image-gpu: the gpu target, on a host that reaches vLLM's image.
+# image-test: runs the cpu image for real (local only: CI has no Docker engine).
+.PHONY: wheels-cpu wheels-gpu image image-gpu image-test deploy-check
+wheels-cpu: wheels/cpu/.complete
+wheels-gpu: wheels/gpu/.complete
+
+wheels/cpu/.complete: pyproject.toml constraints-cpu.txt deploy/image/wheels.sh | $(STAMP)
+	PY=$(PY) deploy/image/wheels.sh cpu $(TORCH_INDEX)
+	touch $@
+
+wheels/gpu/.complete: pyproject.toml deploy/image/wheels.sh | $(STAMP)
+	PY=$(PY) deploy/image/wheels.sh gpu
+	touch $@
+
+image: wheels/cpu/.complete
+	deploy/image/build.sh cpu
+
+image-gpu: wheels/gpu/.complete
+	deploy/image/build.sh gpu
+
+image-test: image install
+	PYTHONPATH=. $(PY) deploy/image_test.py --image $${IMAGE:-alignd}:cpu
