@@ -192,6 +192,34 @@ def test_a_step_is_built_atomically_and_skipped_once_built(tmp_path):
     assert calls == [1]
 
 
+def test_steps_made_together_build_only_the_missing_ones_and_publish_all_or_none(tmp_path):
+    """The two reward models share their frozen pass: made in one call, only those missing, and
+    an interrupted call leaves neither half made."""
+    times = {}
+    (tmp_path / "a").mkdir()
+
+    def broken(outs: dict[str, Path]):
+        for out in outs.values():
+            (out / "half.bin").write_text("x")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        steps.steps(tmp_path, ["a", "b", "c"], broken, times)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    seen = []
+
+    def make(outs: dict[str, Path]):
+        seen.append(sorted(outs))
+        for name, out in outs.items():
+            (out / "name.txt").write_text(name)
+
+    finals = steps.steps(tmp_path, ["a", "b", "c"], make, times)
+    assert seen == [["b", "c"]] and "b+c" in times
+    assert [(finals[n] / "name.txt").read_text() for n in "bc"] == ["b", "c"] and finals["a"] == tmp_path / "a"
+    steps.steps(tmp_path, ["a", "b", "c"], make, times)
+    assert len(seen) == 1
+
+
 def test_serve_config_serves_the_aligned_model_with_the_base_as_reference(tmp_path):
     base = tmp_path / "smollm2"
     models = {name: tmp_path / name for name in (build.RM_SENTIMENT, build.RM_NONTOXIC, build.ALIGNED, build.VALUE)}

@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from alignd.training.base_model import MODEL, convert_smollm2
-from alignd.training.steps import publish, step
+from alignd.training.steps import publish, step, steps
 
 SERVE_HEADER = """\
 # Written by `alignd models build` (rewritten by the next build while this line is here; delete
@@ -230,12 +230,9 @@ def build(cache: Path) -> Path:
     base = step(cache, MODEL, convert_smollm2, times)
     samples = step(cache, SAMPLES, lambda out: make_samples(base, out), times)
 
-    def fit(kind):
-        return lambda out: fit_reward.build_reward(kind, base, d.read_samples(samples), out, SEED)
-
-    models: dict[str, Path | None] = {}
-    models[RM_SENTIMENT] = step(cache, RM_SENTIMENT, fit("sentiment"), times)
-    models[RM_NONTOXIC] = step(cache, RM_NONTOXIC, fit("nontoxic"), times)
+    kinds = {RM_SENTIMENT: "sentiment", RM_NONTOXIC: "nontoxic"}
+    models: dict[str, Path | None] = dict(steps(cache, list(kinds), lambda outs: fit_reward.build_rewards(
+        {kinds[name]: out for name, out in outs.items()}, base, d.read_samples(samples), SEED), times))
     models[ALIGNED] = step(cache, ALIGNED, lambda out: dpo.build_aligned(base, d.read_samples(samples), out, SEED),
                            times)
     models[VALUE] = make_value(cache, models[ALIGNED], base, models[RM_SENTIMENT], times)

@@ -13,24 +13,38 @@ from pathlib import Path
 def step(cache: Path, name: str, make, times: dict[str, float]) -> Path:
     """cache/name, made by make(tmp) in a temp folder renamed into place once complete; skipped
     (kept) when it exists. Records the step's wall time in `times`."""
-    final = cache / name
-    if final.exists():
-        print(f"alignd: {final} exists, kept")
-        return final
-    for stale in cache.glob(f".{name}.*"):
-        if not stale.name.endswith(".work"):
-            shutil.rmtree(stale, ignore_errors=True)
-    print(f"alignd: building {name}", flush=True)
+    return steps(cache, [name], lambda tmps: make(tmps[name]), times)[name]
+
+
+def steps(cache: Path, names: list[str], make, times: dict[str, float]) -> dict[str, Path]:
+    """cache/name for each name; those missing are made together by make({name: tmp}) (work they
+    share is done once) and renamed into place once all are complete. Records their wall time in
+    `times` under their names joined by '+'."""
+    finals = {name: cache / name for name in names}
+    missing = [name for name in names if not finals[name].exists()]
+    for name in names:
+        if name not in missing:
+            print(f"alignd: {finals[name]} exists, kept")
+    if not missing:
+        return finals
+    for name in missing:
+        for stale in cache.glob(f".{name}.*"):
+            if not stale.name.endswith(".work"):
+                shutil.rmtree(stale, ignore_errors=True)
+    label = "+".join(missing)
+    print(f"alignd: building {label}", flush=True)
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache))
+    tmps = {name: Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache)) for name in missing}
     try:
-        make(tmp)
-        publish(tmp, final)
+        make(tmps)
+        for name in missing:
+            publish(tmps[name], finals[name])
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    times[name] = time.perf_counter() - t0
-    print(f"alignd: {name} built in {times[name]:.0f} s", flush=True)
-    return final
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+    times[label] = time.perf_counter() - t0
+    print(f"alignd: {label} built in {times[label]:.0f} s", flush=True)
+    return finals
 
 
 def publish(tmp: Path, final: Path) -> None:
