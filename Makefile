@@ -66,3 +66,14 @@ image-gpu: wheels/gpu/.complete
 
 image-test: image install
 	PYTHONPATH=. $(PY) deploy/image_test.py --image $${IMAGE:-alignd}:cpu
+
+# The static checks of the Dockerfile and deploy/ (deploy/check.sh), with their pinned tools in
+# a venv of their own (their dependencies are not alignd's).
+CHECK_VENV := .venv-check
+$(CHECK_VENV)/.installed: deploy/requirements-check.txt
+	test -x $(CHECK_VENV)/bin/python || $(PYTHON) -m venv $(CHECK_VENV)
+	$(CHECK_VENV)/bin/python -m pip install -q -r deploy/requirements-check.txt
+	touch $@
+
+deploy-check: $(CHECK_VENV)/.installed
+	PATH="$(CURDIR)/$(CHECK_VENV)/bin:$$PATH" deploy/check.sh
