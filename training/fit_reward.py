@@ -33,12 +33,13 @@ from alignd.training.reward_model import (
 )
 from alignd.training.stats import pearson, spearman
 
-FROZEN = 16  # the base's first 16 decoder layers stay as they are (computed once) ...
-LAYERS = 20  # ... layers 17..20, the final norm and the head are fitted: a 20-layer reward model
+FROZEN = 14  # the base's first 14 decoder layers stay as they are (computed once) ...
+LAYERS = 20  # ... layers 15..20, the final norm and the head are fitted: a 20-layer reward model
 PROBE_L2 = 1e-5  # the linear probe that starts the head
 # Fine-tuning is most of a reward model's build time (backward through every fitted layer, every
-# epoch): 4 layers x 2 epochs with a decaying rate, where 6 x 3 at a constant rate took 2.25x longer.
-FINETUNE = {"epochs": 2, "lr": 1e-4, "head_lr": 1e-3, "tokens_per_batch": 4096, "schedule": "linear decay to 0"}
+# epoch), and what it buys shows: 4 layers x 2 epochs with a decaying rate took 2.25x less time
+# but lost 0.06 of held-out Spearman, 0.085 of Pearson and 0.125 of IMDB accuracy (sentiment).
+FINETUNE = {"epochs": 3, "lr": 1e-4, "head_lr": 1e-3, "tokens_per_batch": 4096}
 
 
 # -- metrics -------------------------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def model_card(kind: str, base: Path, m: dict, items: list[dict]) -> str:
         f"soft-label logistic regression, no intercept, L2 {m['probe_l2']:g}, float64 L-BFGS. It starts the head.",
         f"3. Layers {m['frozen_layers'] + 1}-{m['layers']}, the norm and the head fine-tuned on the soft labels "
         f"(binary cross-entropy at every labelled prefix), AdamW lr {m['finetune']['lr']:g} (head "
-        f"{m['finetune']['head_lr']:g}, {m['finetune']['schedule']}), {m['finetune']['epochs']} epochs, batches of at most "
+        f"{m['finetune']['head_lr']:g}), {m['finetune']['epochs']} epochs, batches of at most "
         f"{m['finetune']['tokens_per_batch']} tokens, {m['compute_dtype']} compute over float32 weights. Training loss by epoch: "
         + ", ".join(f"{x:.4f}" for x in m["train_losses"]) + ".",
         "4. Saved as float32 safetensors with the base tokenizer.",

@@ -210,10 +210,8 @@ def train_top(top, states, positions, targets: list[torch.Tensor], idx_all: list
     rng = random.Random(seed)
     losses = []
     top.train()
-    epoch_groups = [length_batches([len(states[i]) for i in idx_all], tokens_per_batch, rng) for _ in range(epochs)]
-    # Linear decay to zero: a short run ends settled rather than still moving at its full rate.
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / sum(map(len, epoch_groups)))
-    for epoch, groups in enumerate(epoch_groups):
+    for epoch in range(epochs):
+        groups = length_batches([len(states[i]) for i in idx_all], tokens_per_batch, rng)
         total, count = 0.0, 0
         bar = tqdm(groups, desc=f"{desc} {epoch + 1}/{epochs}", unit="batch")
         for g in bar:
@@ -224,7 +222,6 @@ def train_top(top, states, positions, targets: list[torch.Tensor], idx_all: list
             loss.backward()
             torch.nn.utils.clip_grad_norm_(top.parameters(), 1.0)
             opt.step()
-            decay.step()
             total, count = total + loss.item() * len(y), count + len(y)
             bar.set_postfix(loss=f"{total / count:.4f}")
         losses.append(total / count)
