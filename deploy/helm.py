@@ -2,7 +2,7 @@
 SDK, bundled in the wheel: no helm binary to fetch).
 
 Usage: helm.py lint|template CHART [KEY=VALUE ...]   (KEY=VALUE as helm's --set)
-  lint: prints every finding, fails on any above INFO. template: prints the rendered
+  lint: prints every finding, fails on any above INFO (as helm lint --strict). template: prints the rendered
   manifests (NOTES.txt left out) as one multi-document YAML stream, release "alignd" in
   namespace "alignd"; a template's `fail` makes it exit non-zero.
 """
@@ -21,13 +21,23 @@ def overrides(pairs: list[str]) -> dict:
 
 
 def lint(chart: str, values: dict) -> int:
-    findings = helm.lint(chart, values=values)
+    # helm_python.lint returns a report, not findings as errors: {"total_charts_linted",
+    # "messages": [{"severity": 0 unknown | 1 info | 2 warning | 3 error, "path", "error"}],
+    # "errors": [str]}. strict=True is helm lint --strict (warnings count as errors).
+    report = helm.lint(chart, values=values, strict=True, namespace=NAMESPACE)
+    messages = report.get("messages") or []
     bad = 0
-    for f in findings or []:
-        print(f"helm lint: {f}", file=sys.stderr)
-        bad += str(f.get("severity", "")).upper() not in ("INFO", "")
-    print(f"helm lint {chart}: {len(findings or [])} findings, {bad} above INFO")
-    return 1 if bad else 0
+    for m in messages:
+        severity = int(m.get("severity", 0))
+        name = {1: "INFO", 2: "WARNING", 3: "ERROR"}.get(severity, "UNKNOWN")
+        print(f"helm lint: [{name}] {m.get('path', '')}: {m.get('error', '')}", file=sys.stderr)
+        bad += severity != 1
+    for e in report.get("errors") or []:
+        print(f"helm lint: {e}", file=sys.stderr)
+        bad += 1
+    linted = report.get("total_charts_linted", 0)
+    print(f"helm lint {chart}: {linted} chart(s), {len(messages)} messages, {bad} above INFO")
+    return 1 if bad or not linted else 0
 
 
 def template(chart: str, values: dict) -> int:
