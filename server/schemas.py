@@ -203,4 +203,4 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "draining"] = "ok"
+    status: Literal["ok"] = "ok"
