@@ -8,6 +8,11 @@ requests let in over the steps, `guide_step_budget` a step; this bound keeps how
 them, and their guide caches, in check.) A request that could never fit is refused with 400
 before it waits; one that cannot fit now waits its turn (first come, first served, so a large
 request is not starved by small ones) for up to `queue_timeout`, then gets 429.
+
+Admission also follows the server's life: nothing is admitted while the engine loads, while the
+server drains for a shutdown, or after the engine died (503, with `Retry-After` where a retry
+can succeed here or on another replica); at the shutdown deadline the requests still running are
+stopped (`stopping`), each with its own error.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 
 from alignd.server import metrics
 from alignd.server.config import ServeSettings
@@ -27,6 +33,17 @@ class Cost:
     guide_tokens: int  # guide tokens per engine step, all its sequences together
 
 
+class Phase(Enum):
+    loading = "loading"  # the engine starts; /health and /ready answer 503
+    ready = "ready"
+    draining = "draining"  # after SIGTERM: requests in flight finish, new ones get 503
+    dead = "dead"  # the engine died, or never started
+
+
+class ShuttingDown(Exception):
+    """A request still running at the shutdown deadline: it ends with a 503 of its own."""
+
+
 class Admission:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
@@ -34,7 +51,49 @@ class Admission:
         self.samples = 0
         self.guide_tokens = 0
         self._waiting: deque[tuple[Cost, asyncio.Future]] = deque()
-        self._closed: str | None = None
+        self.phase = Phase.loading
+        self._dead_reason = ""
+        self.stopping = asyncio.Event()  # set at the shutdown deadline: running requests end
+
+    def refusal(self) -> HTTPError | None:
+        """Why no request is admitted now (None: they are)."""
+        if self.phase is Phase.loading:
+            return HTTPError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        if self.phase is Phase.draining:
+            # Connection: close, so that a client's next try opens a connection (to another replica).
+            return HTTPError(503, "the server is shutting down; retry (another replica will answer)",
+                             headers={"Retry-After": "1", "Connection": "close"})
+        if self.phase is Phase.dead:
+            return HTTPError(503, self._dead_reason, headers={"Retry-After": "5"})
+        return None
+
+    def ready(self) -> None:
+        if self.phase is Phase.loading:
+            self.phase = Phase.ready
+
+    def drain(self) -> None:
+        """SIGTERM: admit nothing more; requests waiting for room get 503 at once (they have not
+        started, and another replica can serve them now)."""
+        if self.phase is not Phase.dead:
+            self.phase = Phase.draining
+            self._fail_waiting()
+
+    def stop(self) -> None:
+        """The shutdown deadline: every request still running ends with ShuttingDown."""
+        self.stopping.set()
+
+    async def stopped(self) -> ShuttingDown:
+        """Once the shutdown deadline has come: the error of a request that was still running."""
+        await self.stopping.wait()
+        return ShuttingDown(f"the server shut down before this request finished (requests in flight had "
+                            f"{self.settings.shutdown_timeout:g} s, --shutdown-timeout); retry it")
+
+    async def idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until no admitted request is left; whether none is."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.requests and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return not self.requests
 
     def check(self, cost: Cost) -> None:
         """Refuse (400) a request that exceeds a per-request limit."""
@@ -53,8 +112,9 @@ class Admission:
     async def enter(self, cost: Cost) -> None:
         """Wait until the request may run; raise HTTPError (429, 503) if it may not."""
         s = self.settings
-        if self._closed:
-            raise HTTPError(503, self._closed)
+        refusal = self.refusal()
+        if refusal is not None:
+            raise refusal
         if self.requests >= s.max_concurrent_requests or self.samples + cost.samples > s.max_concurrent_samples:
             raise HTTPError(429, f"server busy: {self.requests} requests with {self.samples} sequences in flight; "
                                  "retry later", headers={"Retry-After": "1"})
@@ -118,11 +178,15 @@ class Admission:
 
     def close(self, reason: str) -> None:
         """The engine is gone: refuse everything, and fail every waiting request at once."""
-        self._closed = reason
+        self.phase, self._dead_reason = Phase.dead, reason
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        refusal = self.refusal()
         while self._waiting:
             _, turn = self._waiting.popleft()
             if not turn.done():
-                turn.set_exception(HTTPError(503, reason))
+                turn.set_exception(HTTPError(refusal.status, refusal.message, headers=refusal.headers))
 
     def _observe(self) -> None:
         metrics.SAMPLES_IN_FLIGHT.set(self.samples)

@@ -33,7 +33,7 @@ async def authorized(request: Request) -> None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     # Bytes, not str: compare_digest refuses non-ASCII text (headers arrive as latin-1).
     if scheme.lower() != "bearer" or not secrets.compare_digest(
-        token.strip().encode("latin-1", "replace"), api_key.encode()
+        token.strip().encode("latin-1", "replace"), api_key.get_secret_value().encode()
     ):
         raise HTTPError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
 
@@ -59,6 +59,9 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 def check_request(shared: Served, req: SamplingFields) -> None:
     settings = shared.settings
+    refusal = shared.admission.refusal()  # loading, draining or dead: before anything needs the engine
+    if refusal is not None:
+        raise refusal
     if req.model != settings.model_name:
         raise HTTPError(404, f"model {req.model!r} does not exist; this server serves {settings.model_name!r}", "model")
     if req.alignment is not None:

@@ -81,6 +81,9 @@ class Engine:
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         args = self.engine_args()
         config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        if config.use_v2_model_runner:  # forced by the environment or by a feature that needs V2
+            raise RuntimeError("vLLM chose Model Runner V2, which refuses alignd's V1-interface logits processor: "
+                               "set VLLM_USE_V2_MODEL_RUNNER=0 (deploy/README.md: what a V2 port needs)")
         if current_platform.is_cpu():
             whole_prefills(config.scheduler_config, config.model_config.max_model_len)
         # vLLM's own scheduler (async or not, as vLLM chose), with the guide budget mixed in.

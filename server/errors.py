@@ -95,6 +95,7 @@ ENDPOINTS = {
     "/v1/chat/completions": "chat",
     "/v1/models": "models",
     "/health": "health",
+    "/ready": "ready",
     "/metrics": "metrics",
 }
 

@@ -9,7 +9,7 @@ the text it returns.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from vllm import SamplingParams
@@ -267,10 +267,15 @@ async def _stream_prompt(plan: Plan, i: int, prompt: list[int]) -> AsyncIterator
             yield Delta(index, o.text, o.finish_reason, alignment)
 
 
-async def stream(plan: Plan) -> AsyncIterator[Delta]:
-    """Deltas of every choice of every prompt, interleaved as they come."""
+async def stream(plan: Plan, interrupt: Callable[[], Awaitable[BaseException]] | None = None) -> AsyncIterator[Delta]:
+    """Deltas of every choice of every prompt, interleaved as they come; if `interrupt()` returns
+    first, its exception ends the stream (its requests are aborted)."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
+
+    async def interrupter() -> None:
+        assert interrupt is not None
+        await queue.put(await interrupt())
 
     async def pump(i: int, prompt: list[int]) -> None:
         try:
@@ -283,8 +288,10 @@ async def stream(plan: Plan) -> AsyncIterator[Delta]:
             await queue.put(done)
 
     tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(plan.prompts)]
+    if interrupt is not None:
+        tasks.append(asyncio.create_task(interrupter()))  # never puts `done`: not counted
     try:
-        remaining = len(tasks)
+        remaining = len(plan.prompts)
         while remaining:
             item = await queue.get()
             if item is done:

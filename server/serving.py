@@ -3,7 +3,8 @@ or streamed, a client that goes away, and each request's metrics.
 
 A client that disconnects is noticed while its request waits for admission and while it runs:
 its work is cancelled, which aborts its engine requests, and it counts as a 499. A stream that
-fails after its 200 was sent ends with an error event and `[DONE]`.
+fails after its 200 was sent ends with an error event and `[DONE]`. A request still running at
+the shutdown deadline is aborted the same way and answered 503 (a stream: its error event).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from alignd.server import generate, metrics
-from alignd.server.admission import Admission
+from alignd.server.admission import Admission, ShuttingDown
 from alignd.server.config import ServeSettings
 from alignd.server.engine import Engine
 from alignd.server.errors import HTTPError, error_json
@@ -67,8 +68,8 @@ class Reply:
 class Answer:
     """One request's response objects: every chunk of a stream has the same id and `created`."""
 
-    def __init__(self, reply: Reply, plan: generate.Plan, model: str) -> None:
-        self.reply, self.plan = reply, plan
+    def __init__(self, reply: Reply, plan: generate.Plan, model: str, admission: Admission) -> None:
+        self.reply, self.plan, self.admission = reply, plan, admission
         self.head = {"id": plan.request_id, "created": int(time.time()), "model": model}
 
     def usage(self) -> Usage:
@@ -84,7 +85,7 @@ class Answer:
         # OpenAI's chunks carry "usage": null only when the client asked for the usage chunk.
         leave_out = None if include_usage else {"usage"}
         started: set[int] = set()
-        async for d in generate.stream(self.plan):
+        async for d in generate.stream(self.plan, self.admission.stopped):
             first = d.index not in started
             started.add(d.index)
             yield self.reply.chunk(**self.head, choices=[self.reply.delta(d, first)]).model_dump(exclude=leave_out)
@@ -112,7 +113,7 @@ async def serve(request: Request, shared: Served, req: SamplingFields, prompts: 
         await until_disconnected(request, admission.enter(cost))
     except ClientGone:
         return gone(request)
-    answer = Answer(reply, plan, shared.settings.model_name)
+    answer = Answer(reply, plan, shared.settings.model_name, admission)
     started = time.perf_counter()
     metrics.IN_FLIGHT.inc()
 
@@ -128,12 +129,15 @@ async def serve(request: Request, shared: Served, req: SamplingFields, prompts: 
         return StreamingResponse(sse(answer.chunks(include_usage), finish), media_type="text/event-stream")
     outcome = "500"
     try:
-        choices = await until_disconnected(request, generate.run(plan))
+        choices = await until_disconnected(request, generate.run(plan), admission.stopped)
         outcome = "200"
         return JSONResponse(answer.whole(choices))
     except ClientGone:
         outcome = "499"
         return gone(request)
+    except ShuttingDown as e:
+        outcome = "503"
+        raise HTTPError(503, str(e), headers={"Retry-After": "1", "Connection": "close"}) from None
     except Exception as e:
         status, message = failure(e)
         outcome = str(status)
@@ -151,6 +155,8 @@ def failure(e: Exception) -> tuple[int, str]:
     """The status and message for an exception that ends a request after it was admitted."""
     if isinstance(e, (generate.BadRequest, VLLMClientError)):
         return 400, str(e)
+    if isinstance(e, ShuttingDown):
+        return 503, str(e)
     if isinstance(e, EngineDeadError):
         return 503, "the engine stopped; the server is restarting"
     if isinstance(e, TimeoutError):
@@ -161,10 +167,12 @@ def failure(e: Exception) -> tuple[int, str]:
     return 500, f"internal error ({type(e).__name__}); the server goes on"
 
 
-async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+async def until_disconnected(request: Request, work: Awaitable[Any],
+                             interrupt: Callable[[], Awaitable[BaseException]] | None = None) -> Any:
     """Run `work`; if the client goes away first, cancel it (which aborts its engine requests)
-    and raise ClientGone."""
+    and raise ClientGone; if `interrupt()` returns first, cancel it and raise what it returned."""
     task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(interrupt()) if interrupt is not None else None
 
     async def disconnected() -> None:
         while True:
@@ -174,12 +182,17 @@ async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
 
     watcher = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher} | ({stopper} if stopper else set()), return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
+        interrupted = stopper is not None and stopper.done() and not stopper.cancelled()
+        if stopper is not None:
+            stopper.cancel()
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            if interrupted:
+                raise stopper.result()
             raise ClientGone()
     return task.result()
 

@@ -29,8 +29,9 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, url: str, model: str, config: dict, log: Path, proc) -> None:
+    def __init__(self, url: str, model: str, config: dict, log: Path, proc, loading: list[tuple[int, int]]) -> None:
         self.url, self.model, self.config, self.log, self.proc = url, model, config, log, proc
+        self.loading = loading  # (/health, /ready) statuses answered while the model loaded
 
     def client(self, **kw):
         import openai
@@ -56,8 +57,10 @@ class Server:
         raise KeyError(name)
 
 
-def start_server(config: dict, work: Path):
-    """Start `alignd serve --config` as a real process on a free port; yield a Server."""
+def start_server(config: dict, work: Path, key_file: bool = False, env: dict[str, str] | None = None):
+    """Start `alignd serve --config` as a real process on a free port; yield a Server once its
+    /ready answers 200. The API key is a flag, or with `key_file` a mounted-secret file named by
+    ALIGND_API_KEY_FILE. `env`: more environment for the server."""
     import signal
     import subprocess
     import sys
@@ -70,15 +73,20 @@ def start_server(config: dict, work: Path):
     (work / "serve.yaml").write_text(yaml.safe_dump(config))
     port = _free_port()
     log = work / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(root), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(root), "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    key = ["--api-key", API_KEY]
+    if key_file:
+        (work / "api-key").write_text(API_KEY + "\n")
+        env["ALIGND_API_KEY_FILE"], key = str(work / "api-key"), []
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "alignd.server.cli", "serve", "--config", str(work / "serve.yaml"),
-             "--port", str(port), "--api-key", API_KEY],
+             "--port", str(port), *key],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, process_group=0,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
+    loading: list[tuple[int, int]] = []
     try:
         while True:
             if proc.poll() is not None:
@@ -86,12 +94,14 @@ def start_server(config: dict, work: Path):
             if time.time() > deadline:
                 raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                ready = httpx.get(f"{url}/ready", timeout=2).status_code
+                if ready == 200:
                     break
+                loading.append((httpx.get(f"{url}/health", timeout=2).status_code, ready))
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        yield Server(url, config.get("served_model_name", config["model"]), config, log, proc)
+        yield Server(url, config.get("served_model_name", config["model"]), config, log, proc, loading)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -1,5 +1,6 @@
-"""Faults: the engine core dies under load, and the server is told to stop. Each test starts
-(and ends) a server of its own."""
+"""Faults and orchestration: the engine core dies under load, and the server is told to stop
+(SIGTERM to the server's own process, as an orchestrator sends it). Each test starts (and ends)
+a server of its own."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import API_KEY, hostile_config, start_server
@@ -25,6 +29,45 @@ def doomed(tiny, tmp_path):
     config = {**hostile_config(tiny), "shutdown_timeout": SHUTDOWN_TIMEOUT, "text_reward_timeout": 10.0,
               "max_concurrent_requests": 32}
     yield from start_server(config, tmp_path)
+
+
+@pytest.fixture
+def patient(tiny, tmp_path):
+    # Requests in flight have two minutes to finish; a text reward of 50 ms a call makes a guided
+    # request take seconds. The API key comes from a file, as a mounted secret does.
+    config = {"model": str(tiny["base"]), "served_model_name": "tiny", "dtype": "float32", "max_model_len": 256,
+              "shutdown_timeout": 120.0, "rewards": {"slow": "py:tests.rules:slow_vowels"}}
+    yield from start_server(config, tmp_path, key_file=True)
+
+
+class Call(threading.Thread):
+    """One call of the openai client in a thread: its result or its exception, and when."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.call, self.result, self.error, self.ended = call, None, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.call()
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            self.error = e
+        self.ended = time.monotonic()
+
+
+def streamed(client: openai.OpenAI, **kw) -> Callable[[], list]:
+    def read() -> list:
+        return list(client.completions.create(model="tiny", stream=True, **kw))
+    return read
+
+
+def draining(server, timeout: float = 10) -> None:
+    """Until the server has taken the signal (its readiness turns 503)."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{server.url}/ready", timeout=5).status_code == 200:
+        assert time.monotonic() < deadline, "still ready after SIGTERM"
+        time.sleep(0.02)
 
 
 class Request(threading.Thread):
@@ -97,23 +140,66 @@ def test_engine_death_fails_everything_at_once_and_exits_non_zero(doomed):
             assert r.status == 503, r.body
             assert json.loads(r.body)["error"]["type"] == "service_unavailable"
     doomed.proc.wait(timeout=30)
-    assert doomed.proc.returncode not in (0, None)
+    assert doomed.proc.returncode == 1
     assert "the engine died" in doomed.log.read_text()
 
 
-def test_sigterm_drains_within_shutdown_timeout(doomed):
-    """Requests that would run for minutes are in flight: SIGTERM ends the server within its
-    shutdown timeout (plus the engine's own shutdown), with exit code 0."""
-    requests = [Request(doomed, slow_guided(stream=True)), Request(doomed, slow_guided()),
-                Request(doomed, long_plain(stream=True, max_tokens=450, n=8, temperature=1.0))]
-    wait_in_flight(doomed, len(requests))
+def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(patient):
+    # The socket was up while the model loaded, and both probes said 503 then.
+    assert patient.loading and set(patient.loading) == {(503, 503)}, patient.loading
+    client = patient.client()
+    guided = {"decoder": "args", "rewards": {"slow": 1.0}, "top_k": 2}
+    stream = Call(streamed(client, prompt="the long road", max_tokens=120, temperature=0,
+                           stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "alignment": guided}))
+    wait_in_flight(patient, 1)
+    signalled = time.monotonic()
+    os.kill(patient.proc.pid, signal.SIGTERM)
+    draining(patient)
+    health = httpx.get(f"{patient.url}/health", timeout=5)
+    assert health.status_code == 200 and health.json() == {"status": "draining"}  # liveness holds
+    with pytest.raises(openai.InternalServerError) as refused:
+        client.completions.create(model="tiny", prompt="one more", max_tokens=2)
+    assert stream.is_alive(), "the stream ended before the drain could be seen"
+    assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"] == "1"
+    assert refused.value.body["type"] == "service_unavailable" and "shutting down" in refused.value.body["message"]
+    stream.join(timeout=120)
+    assert stream.error is None, stream.error
+    chunks = stream.result
+    assert chunks[-1].usage.completion_tokens == 120
+    last = [c for c in chunks if c.choices][-1].choices[0]
+    assert last.finish_reason == "length" and last.model_extra["alignment"]["decoder"] == "args"
+    patient.proc.wait(timeout=60)
+    took = time.monotonic() - signalled
+    print(f"SIGTERM: the stream finished {stream.ended - signalled:.1f} s after it; exited "
+          f"{patient.proc.returncode} after {took:.1f} s")
+    assert patient.proc.returncode == 0
+    log = patient.log.read_text()
+    assert "draining" in log and API_KEY not in log
+
+
+def test_sigterm_stops_what_outlives_the_shutdown_timeout(doomed):
+    """Requests that would run for minutes: at the shutdown timeout each gets a clear 503 (a
+    stream: an error event), never a silent cut; the server exits 0."""
+    client = doomed.client()
+    slow = {"max_tokens": 450, "extra_body": {"ignore_eos": True, "alignment": {"decoder": "args",
+                                                                                "rewards": {"moody": 1.0}}}}
+    stream = Call(streamed(client, prompt="a §slow day", **slow))
+    whole = Call(lambda: client.completions.create(model="tiny", prompt="a §slow night", **slow))
+    wait_in_flight(doomed, 2)
     signalled = time.monotonic()
     os.kill(doomed.proc.pid, signal.SIGTERM)
+    for call in stream, whole:
+        call.join(timeout=60)
+        assert call.ended is not None
+        assert isinstance(call.error, openai.APIError), call.error
+        assert "shut down before this request finished" in str(call.error) and "--shutdown-timeout" in str(call.error)
+        assert SHUTDOWN_TIMEOUT - 0.5 <= call.ended - signalled <= SHUTDOWN_TIMEOUT + 5
+    assert isinstance(whole.error, openai.InternalServerError) and whole.error.status_code == 503
+    assert whole.error.response.headers["retry-after"] == "1"
     doomed.proc.wait(timeout=60)
     took = time.monotonic() - signalled
-    print(f"SIGTERM with {len(requests)} long requests in flight: exited {doomed.proc.returncode} after {took:.1f} s")
+    print(f"SIGTERM with 2 long requests in flight: answered after "
+          + ", ".join(f"{c.ended - signalled:.2f}" for c in (stream, whole))
+          + f" s; exited {doomed.proc.returncode} after {took:.1f} s")
     assert doomed.proc.returncode == 0
-    assert took <= SHUTDOWN_TIMEOUT + 5
-    for r in requests:
-        r.join(timeout=30)
-        assert r.answered is not None
+    assert took <= SHUTDOWN_TIMEOUT + 15

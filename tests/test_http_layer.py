@@ -31,8 +31,11 @@ def _engine(alive: bool = True) -> SimpleNamespace:
 
 def _client(**settings) -> TestClient:
     s = ServeSettings(model="m", served_model_name="tiny", api_key=KEY, rewards={"a": "x"}, **settings)
-    # Not entered as a context manager: the lifespan (which starts the engine) does not run.
-    return TestClient(create_app(s, _engine()), raise_server_exceptions=False)
+    # Not entered as a context manager: the lifespan (which starts the engine) does not run, so
+    # the stand-in is declared ready here.
+    app = create_app(s, _engine())
+    app.state.served.admission.ready()
+    return TestClient(app, raise_server_exceptions=False)
 
 
 BEST = ChoiceAlignment(decoder="best_of_n", rewards={}, total=None, notes=["reward 'a' failed"],
@@ -46,7 +49,7 @@ def answers(monkeypatch):
         plan.usage["completion_tokens"] = 3
         return [generate.Choice(0, "hi", [4, 5], "stop", BEST), generate.Choice(1, "yo", [6], "length")]
 
-    async def stream(plan):
+    async def stream(plan, interrupt=None):
         for d in (generate.Delta(0, "h"), generate.Delta(1, "y"), generate.Delta(0, "i", "stop", BEST),
                   generate.Delta(1, "o", "length")):
             yield d
@@ -115,7 +118,7 @@ def test_completion_chunks(answers):
 
 
 def test_a_stream_that_fails_ends_with_an_error_event(monkeypatch):
-    async def stream(plan):
+    async def stream(plan, interrupt=None):
         yield generate.Delta(0, "h")
         raise TimeoutError("rpc")
 
@@ -175,3 +178,36 @@ def _refs(node) -> list[str]:
     if isinstance(node, list):
         return [r for v in node for r in _refs(v)]
     return []
+
+
+def _probe(client: TestClient) -> dict:
+    body = {"model": "tiny", "prompt": "x"}
+    return {"health": client.get("/health"), "ready": client.get("/ready"),
+            "completion": client.post("/v1/completions", headers=AUTH, json=body)}
+
+
+def test_loading_and_draining_answer_probes_and_refuse_with_retry_after():
+    """The server's phases as an orchestrator probes them: while loading, liveness, readiness and
+    requests all say 503; while draining, liveness stays 200 (a failing liveness probe would have
+    the server killed mid-drain) while readiness and new requests say 503 with Retry-After."""
+    s = ServeSettings(model="m", served_model_name="tiny", api_key=KEY)
+    app = create_app(s, _engine())
+    client = TestClient(app, raise_server_exceptions=False)
+    admission = app.state.served.admission
+    loading = _probe(client)
+    assert [loading[k].status_code for k in loading] == [503, 503, 503]
+    assert all("loading" in r.json()["error"]["message"] for r in loading.values())
+    assert loading["completion"].headers["retry-after"] == "5"
+    admission.ready()
+    ready = _probe(client)
+    assert ready["health"].json() == ready["ready"].json() == {"status": "ok"}
+    admission.drain()
+    draining = _probe(client)
+    assert draining["health"].status_code == 200 and draining["health"].json() == {"status": "draining"}
+    for r in draining["ready"], draining["completion"]:
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        assert "shutting down" in r.json()["error"]["message"] and r.headers["retry-after"] == "1"
+    admission.close("the engine stopped; the server is restarting")
+    dead = _probe(client)
+    assert [dead[k].status_code for k in dead] == [503, 503, 503]
+    assert "engine stopped" in dead["health"].json()["error"]["message"]

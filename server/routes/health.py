@@ -1,4 +1,10 @@
-"""Liveness and Prometheus metrics: no API key, so that probes and scrapers need none."""
+"""Liveness, readiness and Prometheus metrics: no API key, so that probes and scrapers need none.
+
+`/health` is liveness: 200 while the process and its engine are alive, draining included (a
+probe that failed during a drain would have the server killed mid-drain); 503 while the model
+loads (a start-up probe covers that time) and once the engine is dead. `/ready` is readiness:
+200 only while requests are admitted; 503 while the model loads, while draining, and when dead.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from alignd.server import metrics
+from alignd.server.admission import Phase
 from alignd.server.errors import HTTPError
 from alignd.server.schemas import Health
 from alignd.server.serving import Shared
@@ -16,6 +23,19 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(shared: Shared) -> Health:
+    phase = shared.admission.phase
+    if phase is Phase.loading or phase is Phase.dead:
+        raise shared.admission.refusal()
+    if not shared.engine.alive:
+        raise HTTPError(503, "the engine is not running")
+    return Health(status="draining" if phase is Phase.draining else "ok")
+
+
+@router.get("/ready")
+async def ready(shared: Shared) -> Health:
+    refusal = shared.admission.refusal()
+    if refusal is not None:
+        raise refusal
     if not shared.engine.alive:
         raise HTTPError(503, "the engine is not running")
     return Health()
