@@ -319,7 +319,9 @@ def test_server_answers_as_before_after_the_barrage(hostile_server, before):
             assert resp.status_code == 200
             assert resp.json()["choices"][0] == before
         metrics = http.get("/metrics").text
-    assert 'status="500"' not in metrics and 'status="503"' not in metrics
+    # The probes answered 503 while the model loaded (the socket opens before it): only they may.
+    served = [ln for ln in metrics.splitlines() if 'endpoint="health"' not in ln and 'endpoint="ready"' not in ln]
+    assert not [ln for ln in served if 'status="500"' in ln or 'status="503"' in ln]
     assert 'alignd_requests_total{decoder="none",endpoint="completions",status="400"}' in metrics
     assert 'alignd_guide_failures{guide="reward \'moody\'"}' in metrics
 
