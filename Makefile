@@ -42,9 +42,9 @@ clean:
 	rm -rf $(VENV) build *.egg-info
 
 # The container image (Dockerfile) and deploy/ (deploy/README.md). wheels-*: the wheelhouse the
-# image installs from (reads the network; the image build does not). image: the cpu target,
+# image installs from (reads the network; the image build does not). image: the cpu flavour,
 # built here on a Docker engine it starts if none answers, from a debootstrapped Debian base
-# unless CPU_BASE_IMAGE is given. image-gpu: the gpu target, on a host that reaches vLLM's image.
+# unless CPU_BASE_IMAGE is given. image-gpu: the gpu flavour, on a host that reaches vLLM's image.
 # image-test: runs the cpu image for real (local only: CI has no Docker engine).
 .PHONY: wheels-cpu wheels-gpu image image-gpu image-test deploy-check
 wheels-cpu: wheels/cpu/.complete

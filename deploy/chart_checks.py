@@ -46,13 +46,16 @@ def check(path: str, gpus: int, kinds: set[str]) -> None:
     assert "persistentVolumeClaim" in volumes[mounts["/home/alignd/.cache"]]
     assert pod["securityContext"]["runAsNonRoot"] and alignd["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert alignd["startupProbe"]["periodSeconds"] * alignd["startupProbe"]["failureThreshold"] >= 600
+    # Readiness must leave the Service while draining; liveness must not kill a drain.
+    assert alignd["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert alignd["livenessProbe"]["httpGet"]["path"] == "/health"
 
 
 def main() -> int:
     defaults, everything = sys.argv[1:3]
     check(defaults, 1, {"Deployment", "Service", "Secret", "PersistentVolumeClaim", "PodDisruptionBudget"})
     check(everything, 4, {"HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy"})
-    print("chart_checks: the rendered chart holds (GPUs, drain and grace period, key, shm, cache, security)")
+    print("chart_checks: the rendered chart holds (GPUs, drain and grace period, probes, key, shm, cache, security)")
     return 0
 
 

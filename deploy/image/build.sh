@@ -1,5 +1,6 @@
 #!/bin/bash
-# Build one target of the Dockerfile as $IMAGE:<target>, and report its size.
+# Build one flavour of the Dockerfile (its FLAVOR build argument) as $IMAGE:<flavour>, and report
+# its size.
 # Usage: build.sh cpu|gpu  (env: IMAGE, DOCKER, CPU_BASE_IMAGE, BASE_IMAGE)
 #   CPU_BASE_IMAGE unset: a Debian bookworm base made here by debootstrap (no registry needed);
 #   set it to debian:bookworm-slim where a registry is reached.
@@ -10,7 +11,7 @@ target=$1
 image=${IMAGE:-alignd}:$target
 [ -d "wheels/$target" ] || { echo "build.sh: no wheels/$target: run make wheels-$target first" >&2; exit 1; }
 ensure_engine
-args=(--network host --target "$target" --tag "$image"
+args=(--network host --build-arg "FLAVOR=$target" --tag "$image"
       --build-arg "VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
       --build-arg "REVISION=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)")
 if [ "$target" = cpu ]; then
