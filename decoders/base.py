@@ -80,6 +80,20 @@ def lm_states(guides: Guides, role: Role, rows: list[Row]) -> tuple[LanguageMode
     return lm, [row.state((role, ""), lm) for row in rows]
 
 
+def logit_bias(rows: list[Row], like: torch.Tensor) -> torch.Tensor | None:
+    """Each row's OpenAI `logit_bias` as a dense [n, vocab] tensor, or None when no row has one.
+    (The engine has already added it to the base logits a decoder receives.)"""
+    biased = [(i, row.sampling.logit_bias) for i, row in enumerate(rows)
+              if row.sampling is not None and row.sampling.logit_bias]
+    if not biased:
+        return None
+    dense = torch.zeros_like(like)
+    for i, bias in biased:
+        tokens = torch.tensor(list(bias), device=like.device)
+        dense[i, tokens] = torch.tensor(list(bias.values()), dtype=like.dtype, device=like.device)
+    return dense
+
+
 def top_k(rows: list[Row], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The base logits' top-k (k = the largest any row asks) and a mask of each row's own k."""
     k = max(row.params.top_k for row in rows)

@@ -77,7 +77,14 @@ class AlignmentParams(BaseModel):
         for need in sorted(self.method.needs & ASK.keys()):
             if not getattr(self, need):
                 raise ValueError(f"{self.decoder} needs {ASK[need]}")
+        unused = sorted(self.given() - {"decoder", *self.method.params})
+        if unused:
+            raise ValueError(f"{self.decoder} does not use {unused[0]!r} (it reads: {', '.join(self.method.params)})")
         return self
+
+    def given(self) -> set[str]:
+        """The fields the request set, by their JSON names."""
+        return {type(self).model_fields[name].alias or name for name in self.model_fields_set}
 
     @property
     def method(self) -> Decoder:
@@ -94,7 +101,7 @@ class EngineRequest:
 
 def to_extra_args(alignment: AlignmentParams, request_id: str) -> dict:
     """The JSON-safe SamplingParams.extra_args of a request the engine guides."""
-    return {"alignd": {"alignment": alignment.model_dump(by_alias=True), "request_id": request_id}}
+    return {"alignd": {"alignment": alignment.model_dump(by_alias=True, exclude_unset=True), "request_id": request_id}}
 
 
 def from_extra_args(extra_args: dict | None) -> EngineRequest | None:

@@ -28,12 +28,17 @@ class Decoder:
     step: Step | None = None  # in the engine: rewrites the logits of every token step
     rank: Rank | None = None  # per request: picks one of alignment.n whole samples by their totals
     own_support: bool = False  # its candidates are the whole support: top-p must not cut them
+    # The `alignment` fields it reads (decoders/params.py, by their JSON names): a request that
+    # sets another one is refused, not silently ignored.
+    params: tuple[str, ...] = ()
 
 
 DECODERS: dict[str, Decoder] = {d.name: d for d in (
-    Decoder("args", frozenset({"rewards"}), step=args.step, own_support=True),
-    Decoder("best_of_n", frozenset({"rewards"}), rank=best_of_n.pick),
-    Decoder("transfer_q", frozenset({"rewards", "baseline"}), step=transfer_q.step, own_support=True),
-    Decoder("vas", frozenset({"values"}), step=vas.step),
-    Decoder("dera", frozenset({"reference"}), step=dera.step),
+    Decoder("args", frozenset({"rewards"}), step=args.step, own_support=True,
+            params=("rewards", "top_k", "reward_cache")),
+    Decoder("best_of_n", frozenset({"rewards"}), rank=best_of_n.pick, params=("rewards", "n", "return_candidates")),
+    Decoder("transfer_q", frozenset({"rewards", "baseline"}), step=transfer_q.step, own_support=True,
+            params=("rewards", "top_k", "rollout_tokens", "reward_cache")),
+    Decoder("vas", frozenset({"values"}), step=vas.step, params=("values", "top_k", "reward_cache")),
+    Decoder("dera", frozenset({"reference"}), step=dera.step, params=("lambda",)),
 )}

@@ -116,17 +116,19 @@ class GuideRuntime:
         return self.tokenizer.eos_token_id
 
     # -- whole sequences (front end, via collective_rpc) ---------------------------------------
-    def score(self, seqs: list[list[int]], names: list[str]) -> tuple[list[dict[str, float]], list[dict[str, str]]]:
-        """Rewards of whole sequences (best-of-n ranking, the rewards reported with a response):
-        per sequence, the rewards it got and why each other one failed. A failure stays with
-        the sequence that caused it: a batch that raises is scored again one sequence at a time."""
+    def score(self, seqs: list[list[int]], names: list[str],
+              kind: ScorerKind = "reward") -> tuple[list[dict[str, float]], list[dict[str, str]]]:
+        """Scores of whole sequences by the scorers of `kind` named (best-of-n ranking, the rewards
+        reported with a response, /v1/rewards): per sequence, the scores it got and why each other
+        one failed. A failure stays with the sequence that caused it: a batch that raises is
+        scored again one sequence at a time."""
         rewards: list[dict[str, float]] = [{} for _ in seqs]
         failed: list[dict[str, str]] = [{} for _ in seqs]
         for name in names:
-            for got, why, value in zip(rewards, failed, self._each(self.scorer("reward", name), seqs)):
+            for got, why, value in zip(rewards, failed, self._each(self.scorer(kind, name), seqs)):
                 if isinstance(value, str):
                     why[name] = value
-                    self.failed(f"reward:{name}")
+                    self.failed(f"{kind}:{name}")
                 else:
                     got[name] = value
         return rewards, failed

@@ -13,8 +13,8 @@ class GuideWorkerExtension:
         caches of a request the scheduler holds out of a step, and frees them once it ends."""
         GuideRuntime.current().runner = self.model_runner
 
-    def alignd_score(self, seqs: list[list[int]], names: list[str]) -> dict:
-        rewards, failed = GuideRuntime.current().score(seqs, names)
+    def alignd_score(self, seqs: list[list[int]], names: list[str], kind: str = "reward") -> dict:
+        rewards, failed = GuideRuntime.current().score(seqs, names, kind)
         return {"rewards": rewards, "failed": failed}
 
     def alignd_take_notes(self, request_id: str) -> list[str]:

@@ -26,6 +26,7 @@ from alignd.server.engine import Engine
 from alignd.server.errors import install
 from alignd.server.routes import ROUTERS
 from alignd.server.schemas import ChatRequest, CompletionRequest
+from alignd.server.service_schemas import DetokenizeRequest, RewardsRequest, TokenizeRequest
 from alignd.server.serving import Served
 
 log = logging.getLogger("alignd.server")
@@ -38,7 +39,7 @@ def create_app(settings: ServeSettings, engine: Engine) -> FastAPI:
     install(app, settings.max_request_bytes)
     for router in ROUTERS:
         app.include_router(router)
-    app.openapi = lambda: openapi(app, [CompletionRequest, ChatRequest])
+    app.openapi = lambda: openapi(app, [CompletionRequest, ChatRequest, RewardsRequest, TokenizeRequest, DetokenizeRequest])
     return app
 
 

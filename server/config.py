@@ -58,6 +58,9 @@ class ServeSettings(BaseSettings, GuideSettings):
     )
     rpc_timeout: float = Field(120.0, gt=0, description="seconds a call into the engine worker may take; then HTTP 503")
     shutdown_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for requests in flight")
+    stream_keepalive: float = Field(
+        15.0, gt=0, description="seconds a stream may be silent before an SSE comment keeps proxies from "
+        "cutting it (a best-of-n stream sends nothing until its samples are ranked)")
     exit_on_engine_death: bool = Field(True, description="exit non-zero when the engine dies, for a supervisor to restart")
     gpu_memory_utilization: float = Field(
         0.7, gt=0.0, le=1.0, description="share of each GPU vLLM takes for weights and KV cache (leave room "

@@ -108,11 +108,26 @@ class Engine:
             return prompt
         return self.tokenizer(prompt)["input_ids"]
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], variables: dict[str, Any] | None = None,
+                    generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` through the chat template (with the assistant's turn opened,
+        unless not `generation_prompt`), given the request's extra template `variables`;
+        ValueError when the template fails on them."""
         if not self.tokenizer.chat_template:
             raise ValueError("this model has no chat template; use /v1/completions")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                      tokenize=False, **(variables or {}))
+        except Exception as e:  # noqa: BLE001 - raise_exception, or what the request's messages and variables do to it
+            raise ValueError(f"the chat template failed on this conversation ({type(e).__name__}: {e})") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def check(self, params: SamplingParams) -> None:
+        """Raise what the engine would raise on `params` when the request is added (vLLM's own
+        checks, a structured output's grammar compiled by its backend included)."""
+        assert self.llm is not None, "engine not started"
+        p = self.llm.input_processor
+        params.verify(p.model_config, p.speculative_config, p.structured_outputs_config, p.tokenizer)
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompt: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
@@ -151,10 +166,11 @@ class Engine:
             raise EngineDeadError("the engine stopped")
         raise TimeoutError(f"the engine worker did not answer {method} in {timeout or self.settings.rpc_timeout:g} s")
 
-    async def finish(self, seqs: list[list[int]], names: list[str], request_id: str) -> dict[str, Any]:
-        """Rewards of finished sequences from the worker's guide models ({"rewards", "failed"},
-        one entry per sequence) and the request's notes. Sequences go in calls of about a step's
-        guide budget in tokens, so no call holds the engine longer than a guided step may."""
+    async def finish(self, seqs: list[list[int]], names: list[str], request_id: str,
+                     kind: str = "reward") -> dict[str, Any]:
+        """Scores of finished sequences by the worker's guide models of `kind` ({"rewards",
+        "failed"}, one entry per sequence) and the request's notes. Sequences go in calls of about
+        a step's guide budget in tokens, so no call holds the engine longer than a guided step may."""
         budget = self.settings.guide_step_budget
         rewards: list[dict[str, float]] = []
         failed: list[dict[str, str]] = []
@@ -164,7 +180,7 @@ class Engine:
             while end < len(seqs) and (end == start or size + len(seqs[end]) <= budget):
                 size += len(seqs[end])
                 end += 1
-            part = await self.rpc("alignd_score", seqs[start:end], names)
+            part = await self.rpc("alignd_score", seqs[start:end], names, kind)
             rewards += part["rewards"]
             failed += part["failed"]
             start = end

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from alignd.server import metrics
-from alignd.server.schemas import ErrorBody
+from alignd.server.schemas import OFF_WHEN_NULL, ErrorBody
 
 log = logging.getLogger("alignd.server")
 
@@ -70,6 +70,10 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     where = ".".join(str(p) for p in first.get("loc", ())
                      if p != "body" and (isinstance(p, int) or (_FIELD.match(p) and p not in _MEMBERS)))
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        name = where.rsplit(".", 1)[-1]
+        msg = (f"alignd does not implement {name!r}: leave it out or send null" if name in OFF_WHEN_NULL
+               else "unknown field (the README's API section lists every field alignd reads)")
     return (f"{where}: {msg}" if where else msg), where or None
 
 
@@ -94,9 +98,13 @@ ENDPOINTS = {
     "/v1/completions": "completions",
     "/v1/chat/completions": "chat",
     "/v1/models": "models",
+    "/v1/rewards": "rewards",
     "/health": "health",
     "/ready": "ready",
     "/metrics": "metrics",
+    "/version": "version",
+    "/tokenize": "tokenize",
+    "/detokenize": "detokenize",
 }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from alignd.decoders.cost import candidate_formula, candidate_tokens, guide_tokens
 from alignd.decoders.params import AlignmentParams, to_extra_args
@@ -29,6 +29,10 @@ class BadRequest(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+def bad_request(e: VLLMValidationError, param: str | None = None) -> BadRequest:
+    return BadRequest(str(e).split(" (parameter=")[0], e.parameter or param)
 
 
 @dataclass
@@ -60,7 +64,11 @@ class Plan:
     req: SamplingFields
     max_tokens: int | None
     engine: Engine
-    usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+    echo: list[str] | None = None  # completions' `echo`: each prompt's text, put before its choices' text
+    # completion_tokens: of the text returned; generated_tokens: all the engine made (best-of-n's
+    # unreturned samples too).
+    usage: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("prompt_tokens", "completion_tokens", "generated_tokens"), 0))
 
     def __post_init__(self) -> None:
         limit = self.engine.max_model_len
@@ -76,20 +84,44 @@ class Plan:
                     f"the model's context is {limit}; ask for at most {room}",
                     "max_tokens",
                 )
-            bad = next((t for t in p if not 0 <= t < self.engine.vocab_limit), None)
-            if bad is not None:
-                raise BadRequest(f"prompt {i}: token id {bad} is not in the vocabulary "
-                                 f"(0 to {self.engine.vocab_limit - 1})", "prompt")
+            self._in_vocab(p, f"prompt {i}", "prompt")
+        self._in_vocab(self.req.stop_token_ids, "stop_token_ids", "stop_token_ids")
+        self._in_vocab(list(self.req.logit_bias or ()), "logit_bias", "logit_bias")
         al = self.alignment
+        if al is not None and al.method.own_support:
+            for name, off in (("top_k", self.req.top_k in (None, 0, -1)), ("min_p", self.req.min_p == 0)):
+                if not off:
+                    raise BadRequest(f"{al.decoder} samples among its own candidates (alignment.top_k): "
+                                     f"{name} would cut them; leave it out", name)
         if self.ranked and self.req.temperature == 0 and self.req.n * al.n > 1:
             raise BadRequest(f"{al.decoder} ranks different samples, and at temperature 0 every sample is the same: "
                              "use a temperature > 0 (or alignment.n = 1)", "temperature")
         self.usage["prompt_tokens"] = sum(len(p) for p in self.prompts)
         kind = RequestOutputKind.DELTA if self.req.stream and not self.ranked else RequestOutputKind.FINAL_ONLY
         try:
+            constraint = self.req.constraint()
+            self.constraint = StructuredOutputsParams(**constraint) if constraint is not None else None
             self.sampling = [self._params(p, kind) for p in self.prompts]
         except VLLMValidationError as e:
-            raise BadRequest(str(e).split(" (parameter=")[0], e.parameter) from None
+            raise bad_request(e) from None
+
+    def check_constraint(self) -> None:
+        """What the engine would refuse about the output constraint (an invalid schema, regex or
+        grammar), as a 400 before anything runs; compiling it takes time: call it in a thread."""
+        if self.constraint is not None:
+            param = "structured_outputs" if self.req.structured_outputs else "response_format"
+            try:
+                self.engine.check(self.sampling[0])
+            except VLLMValidationError as e:
+                raise bad_request(e, param) from None
+            except Exception as e:  # noqa: BLE001 - the backends raise what they raise on a constraint they refuse
+                raise BadRequest(f"the output constraint does not compile ({type(e).__name__}: {e})", param) from None
+
+    def _in_vocab(self, ids: list[int], what: str, param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.engine.vocab_limit), None)
+        if bad is not None:
+            raise BadRequest(f"{what}: token id {bad} is not in the vocabulary (0 to {self.engine.vocab_limit - 1})",
+                             param)
 
     @property
     def alignment(self) -> AlignmentParams | None:
@@ -125,6 +157,12 @@ class Plan:
             stop=req.stop or None,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            top_k=min(req.top_k or 0, self.engine.vocab_limit),  # k over the vocabulary is k = all
+            min_p=req.min_p,
+            stop_token_ids=req.stop_token_ids or None,
+            logit_bias=req.logit_bias,
+            structured_outputs=self.constraint,
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
             output_kind=kind,
@@ -187,7 +225,7 @@ async def _ranked(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
     al = plan.alignment
     assert al is not None and al.method.rank is not None
     samples = await _final_outputs(plan, i, prompt)
-    plan.usage["completion_tokens"] += sum(len(s.token_ids) for s in samples)
+    plan.usage["generated_tokens"] += sum(len(s.token_ids) for s in samples)
     rewards, own, notes = await plan.rewards_of([prompt + list(s.token_ids) for s in samples])
     totals = [plan.total(r) for r in rewards]
     choices = []
@@ -208,6 +246,7 @@ async def _ranked(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
             for g in group
         ]
         s = samples[best]
+        plan.usage["completion_tokens"] += len(s.token_ids)
         choices.append(
             Choice(
                 i * plan.req.n + j,
@@ -215,7 +254,8 @@ async def _ranked(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
                 list(s.token_ids),
                 s.finish_reason,
                 _alignment(plan, rewards[best], own[best] + why + notes,
-                           candidates=cands if al.return_candidates else None),
+                           candidates=cands if al.return_candidates else None,
+                           sampled_tokens=sum(len(samples[g].token_ids) for g in group)),
             )
         )
     return choices
@@ -223,7 +263,8 @@ async def _ranked(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
 
 async def _guided_or_plain(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
     outputs = await _final_outputs(plan, i, prompt)
-    plan.usage["completion_tokens"] += sum(len(o.token_ids) for o in outputs)
+    for key in ("completion_tokens", "generated_tokens"):
+        plan.usage[key] += sum(len(o.token_ids) for o in outputs)
     choices = [
         Choice(i * plan.req.n + o.index, o.text, list(o.token_ids), o.finish_reason) for o in outputs
     ]
@@ -240,7 +281,11 @@ def _runner(plan: Plan):
 
 async def run(plan: Plan) -> list[Choice]:
     per_prompt = await asyncio.gather(*(_runner(plan)(plan, i, p) for i, p in enumerate(plan.prompts)))
-    return sorted((c for cs in per_prompt for c in cs), key=lambda c: c.index)
+    choices = sorted((c for cs in per_prompt for c in cs), key=lambda c: c.index)
+    if plan.echo is not None:
+        for c in choices:
+            c.text = plan.echo[c.index // plan.req.n] + c.text
+    return choices
 
 
 async def _stream_prompt(plan: Plan, i: int, prompt: list[int]) -> AsyncIterator[Delta]:
@@ -255,6 +300,7 @@ async def _stream_prompt(plan: Plan, i: int, prompt: list[int]) -> AsyncIterator
         for o in out.outputs:
             tokens.setdefault(o.index, []).extend(o.token_ids)
             plan.usage["completion_tokens"] += len(o.token_ids)
+            plan.usage["generated_tokens"] += len(o.token_ids)
             index = i * plan.req.n + o.index
             if o.finish_reason is None:
                 if o.text:
@@ -290,6 +336,7 @@ async def stream(plan: Plan, interrupt: Callable[[], Awaitable[BaseException]] |
     tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(plan.prompts)]
     if interrupt is not None:
         tasks.append(asyncio.create_task(interrupter()))  # never puts `done`: not counted
+    echoed: set[int] = set()
     try:
         remaining = len(plan.prompts)
         while remaining:
@@ -299,6 +346,9 @@ async def stream(plan: Plan, interrupt: Callable[[], Awaitable[BaseException]] |
             elif isinstance(item, BaseException):
                 raise item
             else:
+                if plan.echo is not None and item.index not in echoed:
+                    echoed.add(item.index)
+                    item.text = plan.echo[item.index // plan.req.n] + item.text
                 yield item
     finally:
         # A disconnected client lands here too: cancelling the pumps aborts their requests.

@@ -1,6 +1,8 @@
 """The HTTP contract: OpenAI's request/response shapes plus the `alignment` extension.
 
-Unknown OpenAI fields are ignored (clients send many); every field we read is validated here.
+Every field either works or is refused: an unknown field is a 400 naming it. OpenAI fields that
+alignd does not implement are accepted only when they ask for nothing (null, or false), as
+clients and proxies send them that way.
 A response field that is None goes out as null (OpenAI's clients expect `logprobs`,
 `finish_reason` and `alignment.total` to be there), unless it is declared with `omitted()`:
 then it is left out of the JSON, as an extra nobody asked for should be.
@@ -10,22 +12,77 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from alignd.decoders.params import AlignmentParams
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="usage so far in every chunk (vLLM's extra)")
 
 
 INT64 = 2**63
 Stop = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 Text = Annotated[str, StringConstraints(min_length=1)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+# OpenAI fields alignd does not implement: accepted when they ask for nothing, a 400 otherwise.
+OFF_WHEN_NULL = frozenset({
+    "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+    "parallel_tool_calls", "suffix", "best_of", "store", "metadata", "service_tier", "modalities", "audio",
+    "prediction", "reasoning_effort", "web_search_options",
+})
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given exactly when type is 'json_schema'")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: one constraint, compiled to a grammar the engine masks with."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | Annotated[str, StringConstraints(min_length=1)] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1, max_length=256)] | None = None
+    grammar: Annotated[str, StringConstraints(min_length=1)] | None = None
+    json_object: Literal[True] | None = None
+    disable_any_whitespace: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [f for f in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        return self
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -38,20 +95,73 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="vLLM's: > 1 discourages repeats")
+    top_k: int | None = Field(None, ge=-1, le=100_000, description="vLLM's: sample among the k likeliest; 0 or -1: off")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM's: drop tokens below min_p x the likeliest's probability")
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64, description="vLLM's: end on these ids")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(None, max_length=300)
+    user: Annotated[str, StringConstraints(max_length=256)] | None = Field(
+        None, description="accepted as OpenAI's; alignd neither logs nor stores it")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's: a JSON schema, regex, choice or grammar the output must follow")
     alignment: AlignmentParams | None = None
     return_token_ids: bool = Field(False, description="also return each choice's token ids")
     ignore_eos: bool = Field(False, description="keep generating past end-of-sequence (benchmarks)")
     min_tokens: int = Field(0, ge=0, description="end-of-sequence is not allowed before this many tokens")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unimplemented(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (k in OFF_WHEN_NULL and v in (None, False))}
+        return data
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, stop: str | list[str] | None) -> list[str]:
         return [stop] if isinstance(stop, str) else list(stop or [])
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias: dict[str, float] | None) -> dict[int, float] | None:
+        if not bias:
+            return None
+        try:
+            return {int(token): value for token, value in bias.items()}
+        except ValueError:
+            raise ValueError("the keys are token ids (strings of integers), as in OpenAI's API") from None
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_constraint(cls, so: StructuredOutputs | None, info: ValidationInfo) -> StructuredOutputs | None:
+        rf = info.data.get("response_format")
+        if so is not None and rf is not None and rf.type != "text":
+            raise ValueError("give response_format or structured_outputs, not both")
+        return so
+
+    def constraint(self) -> dict[str, Any] | None:
+        """vLLM's StructuredOutputsParams fields for the output constraint asked for, if any."""
+        rf, so = self.response_format, self.structured_outputs
+        if so is not None:
+            return so.model_dump(by_alias=True, exclude_none=True)
+        if rf is None or rf.type == "text":
+            return None
+        schema = rf.json_schema.schema_ if rf.json_schema is not None else None
+        return {"json": schema} if schema else {"json_object": True}
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return options
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
+    echo: bool = Field(False, description="each choice's text starts with its prompt")
 
     @field_validator("prompt")
     @classmethod
@@ -64,23 +174,51 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart]
+    name: Annotated[str, StringConstraints(max_length=256)] | None = Field(
+        None, description="given to the chat template, which may use it")
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def template_dict(self) -> dict[str, str]:
+        """The message as chat templates read it."""
+        return {"role": self.role, "content": self.text(), **({"name": self.name} if self.name else {})}
+
+
+# Variables only: these names are apply_chat_template's own arguments, not the template's.
+TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
+def _template_variables(kwargs: dict[str, Any]) -> dict[str, Any]:
+    taken = sorted(set(kwargs) & TEMPLATE_ARGUMENTS)
+    if taken:
+        raise ValueError(f"{taken[0]!r} is an argument of apply_chat_template, not a template variable")
+    return kwargs
+
+
+TemplateVariables = Annotated[dict[str, Any], Field(max_length=32), AfterValidator(_template_variables)]
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    chat_template_kwargs: TemplateVariables | None = Field(
+        None, description="extra variables for the chat template, e.g. enable_thinking (vLLM's)")
 
 
 def omitted(description: str | None = None) -> Any:
@@ -100,6 +238,8 @@ class ChoiceAlignment(BaseModel):
     rewards: dict[str, float]  # the rewards of the returned text that could be computed
     total: float | None  # None when one of them failed (see notes)
     candidates: list[Candidate] | None = omitted("best_of_n with return_candidates: every sample")
+    sampled_tokens: int | None = omitted("best_of_n: the tokens of all this choice's samples (usage counts "
+                                         "the returned one's)")
     notes: list[str] | None = omitted("why a reward or a guide failed")
 
 
@@ -180,27 +320,3 @@ class ChatCompletionChunk(_Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatChunkChoice]
     usage: Usage | None = None  # as in CompletionChunk
-
-
-class ModelAlignment(BaseModel):
-    decoders: list[str]
-    rewards: list[str]
-    values: list[str]
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "alignd"
-    max_model_len: int
-    alignment: ModelAlignment
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class Health(BaseModel):
-    status: Literal["ok", "draining"] = "ok"

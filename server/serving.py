@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -30,7 +30,7 @@ from alignd.server.config import ServeSettings
 from alignd.server.engine import Engine
 from alignd.server.errors import HTTPError, error_json
 from alignd.server.schemas import (
-    ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, SamplingFields, Usage,
+    ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, SamplingFields, StreamOptions, Usage,
 )
 
 log = logging.getLogger("alignd.server")
@@ -81,14 +81,19 @@ class Answer:
         body = self.reply.whole(**self.head, choices=[self.reply.choice(c, ids) for c in choices], usage=self.usage())
         return body.model_dump()
 
-    async def chunks(self, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-        # OpenAI's chunks carry "usage": null only when the client asked for the usage chunk.
-        leave_out = None if include_usage else {"usage"}
+    async def chunks(self, options: StreamOptions | None) -> AsyncIterator[dict[str, Any]]:
+        # OpenAI's chunks carry "usage": null only when the client asked for the usage chunk;
+        # vLLM's continuous_usage_stats puts the usage so far in every chunk.
+        include_usage = options is not None and options.include_usage
+        continuous = options is not None and options.continuous_usage_stats
+        leave_out = None if include_usage or continuous else {"usage"}
         started: set[int] = set()
         async for d in generate.stream(self.plan, self.admission.stopped):
             first = d.index not in started
             started.add(d.index)
-            yield self.reply.chunk(**self.head, choices=[self.reply.delta(d, first)]).model_dump(exclude=leave_out)
+            chunk = self.reply.chunk(**self.head, choices=[self.reply.delta(d, first)],
+                                     usage=self.usage() if continuous else None)
+            yield chunk.model_dump(exclude=leave_out)
         if include_usage:
             yield self.reply.chunk(**self.head, choices=[], usage=self.usage()).model_dump()
 
@@ -98,13 +103,15 @@ class ClientGone(Exception):
 
 
 async def serve(request: Request, shared: Served, req: SamplingFields, prompts: list[list[int]],
-                max_tokens: int | None, reply: Reply) -> Response:
+                max_tokens: int | None, reply: Reply, echo: list[str] | None = None) -> Response:
     """Plan the request, admit it, run it and answer it, whole or streamed."""
     decoder = req.alignment.decoder if req.alignment else "none"
     request.state.decoder = decoder
     try:
-        plan = generate.Plan(f"{reply.prefix}-{uuid.uuid4().hex}", prompts, req, max_tokens, shared.engine)
+        plan = generate.Plan(f"{reply.prefix}-{uuid.uuid4().hex}", prompts, req, max_tokens, shared.engine, echo)
         cost = plan.cost(shared.settings.max_guide_tokens_per_step)
+        if plan.constraint is not None:
+            await asyncio.to_thread(plan.check_constraint)
     except generate.BadRequest as e:
         raise HTTPError(400, str(e), e.param) from None
     admission = shared.admission
@@ -120,13 +127,13 @@ async def serve(request: Request, shared: Served, req: SamplingFields, prompts: 
     def finish(outcome: str) -> None:
         admission.leave(cost)
         metrics.IN_FLIGHT.dec()
-        metrics.TOKENS.labels(decoder).inc(plan.usage["completion_tokens"])
+        metrics.TOKENS.labels(decoder).inc(plan.usage["generated_tokens"])
         metrics.LATENCY.labels(decoder).observe(time.perf_counter() - started)
         request.state.outcome = outcome
 
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(sse(answer.chunks(include_usage), finish), media_type="text/event-stream")
+        events = sse(answer.chunks(req.stream_options), finish, shared.settings.stream_keepalive)
+        return StreamingResponse(events, media_type="text/event-stream")
     outcome = "500"
     try:
         choices = await until_disconnected(request, generate.run(plan), admission.stopped)
@@ -197,11 +204,25 @@ async def until_disconnected(request: Request, work: Awaitable[Any],
     return task.result()
 
 
-async def sse(events: AsyncIterator[dict[str, Any]], finish: Callable[[str], None]) -> AsyncIterator[str]:
-    """Server-sent events; a stream that fails midway ends with an error event and [DONE]."""
+async def sse(events: AsyncGenerator[dict[str, Any]], finish: Callable[[str], None],
+              keepalive: float) -> AsyncIterator[str]:
+    """Server-sent events; a stream that fails midway ends with an error event and [DONE]. A
+    stream silent for `keepalive` seconds gets an SSE comment, which clients ignore and proxies
+    count as traffic."""
     outcome = "200"
+    pending: asyncio.Future | None = None
     try:
-        async for event in events:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=keepalive)
+            if not done:
+                yield ": keep-alive\n\n"
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                break
+            pending = None
             yield f"data: {json.dumps(event, allow_nan=False)}\n\n"
     except (asyncio.CancelledError, GeneratorExit):
         outcome = "499"
@@ -211,5 +232,11 @@ async def sse(events: AsyncIterator[dict[str, Any]], finish: Callable[[str], Non
         outcome = str(status)
         yield f"data: {json.dumps(error_json(status, message, getattr(e, 'param', None)))}\n\n"
     finally:
-        finish(outcome)
+        try:
+            if pending is not None and not pending.done():
+                pending.cancel()  # the client went away while the next event was being made
+                await asyncio.gather(pending, return_exceptions=True)
+            await events.aclose()  # its requests are aborted now, not when it is collected
+        finally:
+            finish(outcome)  # whatever the clean-up met (a second cancellation): the admission is released
     yield "data: [DONE]\n\n"

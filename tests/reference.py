@@ -102,3 +102,29 @@ def transfer_q_greedy(base, baseline, rewards: list[tuple[Scorer, float]], promp
         return cands[max(range(k), key=scores.__getitem__)].item()
 
     return _greedy_with(rule, prompt, max_new, eos)
+
+
+class Biased:
+    """A causal LM whose logits get OpenAI's `logit_bias` added: what the engine hands a decoder."""
+
+    def __init__(self, model, bias: dict[int, float]) -> None:
+        self.model, self.bias = model, bias
+
+    def __call__(self, ids: torch.Tensor):
+        out = self.model(ids)
+        for token, b in self.bias.items():
+            out.logits[..., token] += b
+        return out
+
+
+def repetition_penalized_greedy(base, penalty: float, prompt: list[int], max_new: int, eos: int) -> list[int]:
+    """Greedy under a repetition penalty (CTRL's): a token already in the prompt or the output has
+    its logit divided by `penalty` when positive, multiplied when negative."""
+
+    def rule(seq):
+        z = next_logits(base, seq)
+        seen = torch.tensor(sorted(set(seq)))
+        z[seen] = torch.where(z[seen] > 0, z[seen] / penalty, z[seen] * penalty)
+        return int(z.argmax())
+
+    return _greedy_with(rule, prompt, max_new, eos)

@@ -99,6 +99,17 @@ BAD_FIELDS = {
     "return_token_ids": ["x", [1]],
     "ignore_eos": [[], {"a": 1}],
     "stream": [[1], {"a": 1}],
+    "top_k": [-2, "x", 1.5, 10**6],
+    "min_p": [-0.1, 1.5, "x"],
+    "repetition_penalty": [0, -1, 11, "x"],
+    "stop_token_ids": [[-1], [10**6], "x", [2**40], list(range(65))],
+    "logit_bias": [{"x": 1}, {"5": 200}, [1], {"-3": 1}, {"1000000": 1}, {str(i): 1 for i in range(301)}],
+    "echo": ["x", [1]],
+    "user": [5, "u" * 300],
+    "suffix": ["x"],
+    "logprobs": [3, True, "x"],
+    "tools": [[{"type": "function", "function": {"name": "f"}}]],
+    "best_of": [2],
 }
 for field, values in BAD_FIELDS.items():
     for i, value in enumerate(values):
@@ -114,7 +125,13 @@ case("min-tokens-over-max-tokens", body(min_tokens=10, max_tokens=4), 400)
 case("greedy-with-n", body(temperature=0, n=2), 400)
 case("seed-largest", body(seed=2**63 - 1, n=2, temperature=1), 200)
 case("seed-smallest", body(seed=-(2**63)), 200)
-case("unknown-openai-fields-ignored", body(logprobs=None, user="x", suffix=None, echo=False), 200)
+case("openai-fields-off-or-supported", body(logprobs=None, user="x", suffix=None, echo=False, tools=None), 200)
+case("unknown-field", body(foo=1), 400)
+case("unknown-field-null", body(foo=None), 400)
+case("sampling-fields-all-at-once", body(top_k=3, min_p=0.05, repetition_penalty=1.2, stop_token_ids=[5],
+                                         logit_bias={"5": -100, "6": 2}, echo=True, user="u"), 200)
+case("top-k-under-args", aligned(decoder="args", rewards={"a": 1}, top_k=4) | {"top_k": 2}, 400)
+case("alignment-field-its-decoder-ignores", aligned(decoder="dera", top_k=4), 400)
 
 # -- chat -----------------------------------------------------------------------------------------
 CHAT = "/v1/chat/completions"
@@ -125,6 +142,10 @@ for i, messages in enumerate([
 ]):
     case(f"chat-messages-{i}", chat(messages=messages), 400, CHAT)
 case("chat-max-completion-tokens-0", chat(max_completion_tokens=0), 400, CHAT)
+case("chat-template-argument", chat(chat_template_kwargs={"tokenize": True}), 400, CHAT)
+case("chat-template-kwargs", chat(chat_template_kwargs={"anything": [1, 2]}), 200, CHAT)
+case("chat-message-name", chat(messages=[{"role": "user", "content": "hi", "name": "bob"}]), 200, CHAT)
+case("chat-message-tool-calls", chat(messages=[{"role": "user", "content": "hi", "tool_calls": []}]), 400, CHAT)
 case("chat-parts-are-fine", chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}]), 200, CHAT)
 
 # -- alignment ------------------------------------------------------------------------------------

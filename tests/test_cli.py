@@ -73,7 +73,7 @@ SAMPLES = {
     "max_concurrent_requests": 4, "max_concurrent_samples": 5, "max_samples_per_request": 6,
     "max_request_bytes": 2048, "max_guide_tokens_per_step": 7, "queue_timeout": 8.5,
     "max_guide_tokens_in_flight": 9, "rpc_timeout": 10.5, "shutdown_timeout": 11.5,
-    "exit_on_engine_death": False, "gpu_memory_utilization": 0.5, "tensor_parallel_size": 2,
+    "stream_keepalive": 4.5, "exit_on_engine_death": False, "gpu_memory_utilization": 0.5, "tensor_parallel_size": 2,
     "pipeline_parallel_size": 2, "seed": 7, "allow_reward_recompute": True,
 }
 

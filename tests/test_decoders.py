@@ -198,7 +198,7 @@ def test_each_decoder_asks_for_what_it_needs(name):
 
 def test_only_in_engine_decoders_travel_to_the_engine():
     for name, decoder in DECODERS.items():
-        al = AlignmentParams(decoder=name, rewards={"x": 1.0}, values={"x": 1.0})
+        al = AlignmentParams(decoder=name, **{need: {"x": 1.0} for need in decoder.needs & ASK.keys()})
         if decoder.step is None:
             with pytest.raises(ValueError, match="does not run inside the engine"):
                 from_extra_args(to_extra_args(al, "id"))
@@ -210,14 +210,33 @@ def test_only_in_engine_decoders_travel_to_the_engine():
 
 def test_costs_follow_what_each_decoder_runs():
     routes = {("reward", "text"): Route.text, ("reward", "slow"): Route.retokenized}
-    args_ = AlignmentParams(decoder="args", rewards={"a": 1, "text": 1, "slow": 1}, values={"v": 1}, top_k=4)
-    assert guide_tokens(args_, routes, 100) == 4 + 4 + 4 * 101  # cached, text, recomputed; values unused
+    args_ = AlignmentParams(decoder="args", rewards={"a": 1, "text": 1, "slow": 1}, top_k=4)
+    assert guide_tokens(args_, routes, 100) == 4 + 4 + 4 * 101  # cached, text, recomputed
     tq = AlignmentParams(decoder="transfer_q", rewards={"a": 1}, top_k=3, rollout_tokens=5)
     assert guide_tokens(tq, routes, 100) == 3 * 6 + 3 * 5 and candidate_tokens(tq) == 18
     v = AlignmentParams(decoder="vas", values={"a": 1, "b": 1}, top_k=5)
     assert guide_tokens(v, routes, 100) == 10 and candidate_tokens(v) == 5
     d = AlignmentParams(decoder="dera")
     assert guide_tokens(d, routes, 100) == 1 and candidate_tokens(d) == 1
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_a_field_the_decoder_does_not_read_is_refused(name):
+    decoder = DECODERS[name]
+    needs = {need: {"x": 1.0} for need in decoder.needs & ASK.keys()}
+    fields = {"rewards": {"x": 1.0}, "values": {"x": 1.0}, "top_k": 3, "rollout_tokens": 2, "lambda": 0.5, "n": 2,
+              "return_candidates": True, "reward_cache": False}
+    assert set(fields) | {"decoder"} == {f.alias or n for n, f in AlignmentParams.model_fields.items()}
+    for field, value in fields.items():
+        if field in decoder.params:
+            AlignmentParams(decoder=name, **{**needs, field: value})
+        else:
+            with pytest.raises(ValueError, match=f"{name} does not use '{field}'"):
+                AlignmentParams(decoder=name, **{**needs, field: value})
+    # What travels to the engine is what the request set: it validates there again.
+    if decoder.step is not None:
+        al = AlignmentParams(decoder=name, **needs)
+        assert from_extra_args(to_extra_args(al, "id")).alignment.given() == al.given()
 
 
 def test_decoders_and_guides_import_without_vllm():

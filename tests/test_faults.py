@@ -198,7 +198,7 @@ def test_sigterm_stops_what_outlives_the_shutdown_timeout(doomed):
     assert whole.error.response.headers["retry-after"] == "1"
     doomed.proc.wait(timeout=60)
     took = time.monotonic() - signalled
-    print(f"SIGTERM with 2 long requests in flight: answered after "
+    print("SIGTERM with 2 long requests in flight: answered after "
           + ", ".join(f"{c.ended - signalled:.2f}" for c in (stream, whole))
           + f" s; exited {doomed.proc.returncode} after {took:.1f} s")
     assert doomed.proc.returncode == 0

@@ -26,7 +26,7 @@ async def _no_stats():
 def _engine(alive: bool = True) -> SimpleNamespace:
     return SimpleNamespace(alive=alive, llm=None, max_model_len=64, vocab_limit=100, max_token_chars=4, routes={},
                            encode=lambda p: [1, 2, 3] if isinstance(p, str) else list(p),
-                           encode_chat=lambda messages: [1, 2], stats=_no_stats)
+                           encode_chat=lambda messages, variables=None: [1, 2], stats=_no_stats)
 
 
 def _client(**settings) -> TestClient:
@@ -136,8 +136,11 @@ def test_models_and_health():
     assert body["object"] == "list" and card["id"] == "tiny" and card["object"] == "model"
     assert card["owned_by"] == "alignd" and card["max_model_len"] == 64 and isinstance(card["created"], int)
     # vas has no value model on this server: it is not listed
-    assert card["alignment"] == {"decoders": ["args", "best_of_n", "transfer_q", "dera"], "rewards": ["a"],
-                                 "values": []}
+    al = card["alignment"]
+    assert (al["decoders"], al["rewards"], al["values"]) == (["args", "best_of_n", "transfer_q", "dera"], ["a"], [])
+    assert [d["name"] for d in al["decoder_details"]] == al["decoders"]
+    assert [(g["kind"], g["name"], g["spec"]) for g in al["guides"]] == [
+        ("reward", "a", "x"), ("reference", "reference", "ref"), ("baseline", "baseline", "m")]
     assert "dera" not in _client().get("/v1/models", headers=AUTH).json()["data"][0]["alignment"]["decoders"]
 
 
@@ -151,7 +154,7 @@ def test_models_and_health():
     ("/v1/completions", AUTH, {"model": "tiny", "prompt": "x", "alignment": {
         "decoder": "args", "rewards": {"a": 1}, "reward_cache": False}}, 400, "--allow-reward-recompute"),
     ("/v1/chat/completions", AUTH, {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "alignment": {
-        "decoder": "dera", "rewards": {"a": 1}}}, 400, "dera needs a reference"),
+        "decoder": "dera"}}, 400, "dera needs a reference"),
     ("/v1/completions", AUTH, "{broken", 400, "not valid JSON"),
 ])
 def test_refusals_are_openai_errors(path, headers, body, status, words):
@@ -211,3 +214,71 @@ def test_loading_and_draining_answer_probes_and_refuse_with_retry_after():
     dead = _probe(client)
     assert [dead[k].status_code for k in dead] == [503, 503, 503]
     assert "engine stopped" in dead["health"].json()["error"]["message"]
+
+
+@pytest.mark.parametrize("fields,param,words", [
+    ({"foo": 1}, "foo", "unknown field"),
+    ({"logprobs": 2}, "logprobs", "does not implement"),
+    ({"top_logprobs": 2}, "top_logprobs", "does not implement"),
+    ({"tools": [{"type": "function"}]}, "tools", "does not implement"),
+    ({"suffix": "x"}, "suffix", "does not implement"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema is given exactly"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
+    ({"stream": True, "stream_options": {"include_usage": True, "extra": 1}}, "stream_options.extra", "unknown"),
+    ({"logit_bias": {"x": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "100"),
+])
+def test_every_field_works_or_is_refused_by_name(answers, fields, param, words):
+    r = _client().post("/v1/completions", headers=AUTH, json={"model": "tiny", "prompt": "x", **fields})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and words in r.json()["error"]["message"], r.text
+
+
+def test_unimplemented_openai_fields_that_ask_for_nothing_are_accepted(answers):
+    off = {"logprobs": None, "top_logprobs": None, "tools": None, "tool_choice": None, "parallel_tool_calls": False,
+           "response_format": None, "suffix": None, "store": False, "metadata": None, "user": "u-1"}
+    r = _client().post("/v1/completions", headers=AUTH, json={"model": "tiny", "prompt": "x", **off})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("message,param", [
+    ({"role": "user", "content": "x", "tool_calls": []}, "messages.0.tool_calls"),
+    ({"role": "user", "content": [{"type": "text", "text": "x", "cache": 1}]}, "messages.0.content"),
+])
+def test_chat_message_fields_are_checked_too(answers, message, param):
+    r = _client().post("/v1/chat/completions", headers=AUTH, json={"model": "tiny", "messages": [message]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith(param), r.text
+
+
+def test_template_arguments_are_not_template_variables(answers):
+    r = _client().post("/v1/chat/completions", headers=AUTH, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"tokenize": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text
+
+
+def test_continuous_usage_stats(answers):
+    r = _client().post("/v1/completions", headers=AUTH, json={
+        "model": "tiny", "prompt": "x", "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    chunks = _events(r.text)
+    assert all(c["usage"]["prompt_tokens"] == 3 for c in chunks), chunks
+    assert chunks[-1]["choices"] == []
+
+
+def test_a_silent_stream_gets_keepalive_comments(monkeypatch):
+    """A stream with nothing to say for longer than stream_keepalive (best-of-n ranking its
+    samples) sends SSE comments, which clients skip, so proxies with idle timeouts keep it."""
+    import asyncio
+
+    async def slow(plan, interrupt=None):
+        await asyncio.sleep(0.5)
+        yield generate.Delta(0, "hi", "stop")
+
+    monkeypatch.setattr(generate, "stream", slow)
+    r = _client(stream_keepalive=0.1).post("/v1/completions", headers=AUTH,
+                                           json={"model": "tiny", "prompt": "x", "stream": True})
+    assert r.status_code == 200
+    events = [e for e in r.text.split("\n\n") if e]
+    first_data = next(i for i, e in enumerate(events) if e.startswith("data: "))
+    assert first_data >= 3 and all(e == ": keep-alive" for e in events[:first_data]), events
+    assert events[-1] == "data: [DONE]" and json.loads(events[first_data][6:])["choices"][0]["text"] == "hi"

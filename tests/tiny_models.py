@@ -31,9 +31,12 @@ this is the best thing i have ever seen , happy and bright .
 numbers one two three four five six seven eight nine ten .
 """.strip().splitlines()
 
+# `name` and the template variable `prefill` let the tests see that a message's name and a
+# request's chat_template_kwargs reach the template.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{% if m.name is defined %}{{ m.name }}: {% endif %}"
+    "{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% if prefill is defined %}{{ prefill }}{% endif %}{% endif %}"
 )
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 

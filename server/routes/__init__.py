@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from alignd.server.routes import chat, completions, health, models
+from alignd.server.routes import chat, completions, health, models, rewards, tokens
 
-ROUTERS = [health.router, models.router, completions.router, chat.router]
+ROUTERS = [health.router, models.router, completions.router, chat.router, rewards.router, tokens.router]

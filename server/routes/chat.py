@@ -36,10 +36,10 @@ REPLY = Reply("chatcmpl", ChatCompletion, ChatCompletionChunk, choice, delta)
 async def chat(request: Request, shared: Shared) -> Response:
     req = await read_json(request, ChatRequest, shared.settings.max_request_bytes)
     check_request(shared, req)
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    messages = [m.template_dict() for m in req.messages]
     fits(shared.engine, "".join(m["content"] for m in messages))
     try:
-        prompt = await asyncio.to_thread(shared.engine.encode_chat, messages)
+        prompt = await asyncio.to_thread(shared.engine.encode_chat, messages, req.chat_template_kwargs)
     except ValueError as e:
         raise HTTPError(400, str(e), "messages") from None
     return await serve(request, shared, req, [prompt], req.max_completion_tokens or req.max_tokens, REPLY)

@@ -39,4 +39,7 @@ async def completions(request: Request, shared: Shared) -> Response:
         return [shared.engine.encode(p) for p in raw]
 
     prompts = await asyncio.to_thread(encode)
-    return await serve(request, shared, req, prompts, req.max_tokens, REPLY)
+    echo = None
+    if req.echo:
+        echo = [p if isinstance(p, str) else shared.engine.tokenizer.decode(p) for p in raw]
+    return await serve(request, shared, req, prompts, req.max_tokens, REPLY, echo)

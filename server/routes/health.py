@@ -1,4 +1,5 @@
-"""Liveness, readiness and Prometheus metrics: no API key, so that probes and scrapers need none.
+"""Liveness, readiness, the version and Prometheus metrics: no API key, so that probes and
+scrapers need none.
 
 `/health` is liveness: 200 while the process and its engine are alive, draining included (a
 probe that failed during a drain would have the server killed mid-drain); 503 while the model
@@ -8,6 +9,9 @@ loads (a start-up probe covers that time) and once the engine is dead. `/ready` 
 
 from __future__ import annotations
 
+import importlib.metadata
+
+import vllm
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from alignd.server import metrics
 from alignd.server.admission import Phase
 from alignd.server.errors import HTTPError
-from alignd.server.schemas import Health
+from alignd.server.service_schemas import Health, Version
 from alignd.server.serving import Shared
 
 router = APIRouter()
@@ -39,6 +43,11 @@ async def ready(shared: Shared) -> Health:
     if not shared.engine.alive:
         raise HTTPError(503, "the engine is not running")
     return Health()
+
+
+@router.get("/version")
+async def version() -> Version:
+    return Version(version=importlib.metadata.version("alignd"), vllm=vllm.__version__)
 
 
 @router.get("/metrics")

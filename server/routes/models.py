@@ -6,10 +6,12 @@ import time
 
 from fastapi import APIRouter, Depends
 
+from alignd.decoders.params import AlignmentParams
 from alignd.decoders.table import DECODERS
 from alignd.server.checks import authorized, missing
 from alignd.server.config import ServeSettings
-from alignd.server.schemas import ModelAlignment, ModelCard, ModelList
+from alignd.server.engine import Engine
+from alignd.server.service_schemas import DecoderCard, GuideCard, ModelAlignment, ModelCard, ModelList
 from alignd.server.serving import Shared
 
 router = APIRouter(dependencies=[Depends(authorized)])
@@ -20,6 +22,23 @@ def decoders(settings: ServeSettings) -> list[str]:
     return [name for name, decoder in DECODERS.items() if missing(settings, decoder) is None]
 
 
+def guides(settings: ServeSettings, engine: Engine) -> list[GuideCard]:
+    scorers = [GuideCard(name=name, kind=kind, spec=spec, route=getattr(engine.routes.get((kind, name)), "value", None))
+               for kind, configured in (("reward", settings.rewards), ("value", settings.values))
+               for name, spec in sorted(configured.items())]
+    lms = [GuideCard(name=role, kind=role, spec=spec, route=None)
+           for role, spec in (("reference", settings.reference), ("baseline", settings.baseline or settings.model))
+           if spec is not None]
+    return scorers + lms
+
+
+def decoder_details(settings: ServeSettings) -> list[DecoderCard]:
+    fields = AlignmentParams.model_json_schema()["properties"]
+    return [DecoderCard(name=name, runs="engine" if d.step is not None else "request", needs=sorted(d.needs),
+                        parameters={p: fields[p] for p in d.params})
+            for name, d in DECODERS.items() if missing(settings, d) is None]
+
+
 @router.get("/v1/models")
 async def models(shared: Shared) -> ModelList:
     settings = shared.settings
@@ -28,6 +47,7 @@ async def models(shared: Shared) -> ModelList:
         created=int(time.time()),
         max_model_len=shared.engine.max_model_len,
         alignment=ModelAlignment(decoders=decoders(settings), rewards=sorted(settings.rewards),
-                                 values=sorted(settings.values)),
+                                 values=sorted(settings.values), guides=guides(settings, shared.engine),
+                                 decoder_details=decoder_details(settings)),
     )
     return ModelList(data=[card])
