@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 from vllm import SamplingParams
+from vllm.sampling_params import RequestOutputKind
 from vllm.config import SchedulerConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import RequestOutput
@@ -73,6 +74,9 @@ class Engine:
             worker_extension_cls="alignd.rewards.worker.GuideWorkerExtension",
             additional_config={"alignd": guides.model_dump()},
             enable_log_requests=False,
+            # A token's logprob is taken from the distribution it was sampled from: after the
+            # decoder's guidance (server/logprobs.py).
+            logprobs_mode="processed_logprobs",
         )
 
     def start(self) -> None:
@@ -128,6 +132,19 @@ class Engine:
         assert self.llm is not None, "engine not started"
         p = self.llm.input_processor
         params.verify(p.model_config, p.speculative_config, p.structured_outputs_config, p.tokenizer)
+
+    async def prompt_logprobs(self, seq: list[int], request_id: str) -> list[float | None]:
+        """Each token's logprob under the served model alone given the tokens before it (None for
+        the first, and for a last token that leaves no room in the context)."""
+        room = seq[: self.max_model_len - 1]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        out = None
+        async for out in self.generate(room, params, request_id):
+            pass
+        assert out is not None and out.prompt_logprobs is not None
+        got = [None if at is None else at[token].logprob for token, at in zip(room, out.prompt_logprobs)]
+        return got + [None] * (len(seq) - len(room))
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompt: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:

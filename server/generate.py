@@ -18,8 +18,10 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from alignd.decoders.cost import candidate_formula, candidate_tokens, guide_tokens
 from alignd.decoders.params import AlignmentParams, to_extra_args
+from alignd.server import logprobs
 from alignd.server.admission import Cost
 from alignd.server.engine import Engine
+from alignd.server.logprobs import TokenLogprob
 from alignd.server.schemas import Candidate, ChoiceAlignment, SamplingFields
 
 
@@ -42,6 +44,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     alignment: ChoiceAlignment | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -52,6 +55,8 @@ class Delta:
     text: str
     finish_reason: str | None = None
     alignment: ChoiceAlignment | None = None
+    logprobs: list[TokenLogprob] | None = None
+    offset: int = 0  # characters of the choice's text before this piece
 
 
 @dataclass
@@ -163,6 +168,7 @@ class Plan:
             stop_token_ids=req.stop_token_ids or None,
             logit_bias=req.logit_bias,
             structured_outputs=self.constraint,
+            logprobs=req.top_logprobs_asked(),
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
             output_kind=kind,
@@ -206,6 +212,22 @@ class Plan:
     def sub_id(self, i: int) -> str:
         return f"{self.request_id}-{i}"
 
+    def token_logprobs(self, o) -> list[TokenLogprob] | None:
+        """A vLLM output's per-token logprobs, when the request asks for them."""
+        top = self.req.top_logprobs_asked()
+        return None if top is None else logprobs.from_engine(o.token_ids, o.logprobs, top)
+
+    async def with_base(self, prompt: list[int], tokens: list[int], got: list[TokenLogprob] | None,
+                        request_id: str) -> dict[str, float | None]:
+        """For an aligned request asking for logprobs: each token's base-model logprob, set in
+        `got`, and the choice's sums; {} otherwise."""
+        if got is None or self.alignment is None:
+            return {}
+        base = await self.engine.prompt_logprobs(prompt + tokens, f"{request_id}-base")
+        for t, b in zip(got, base[len(prompt):]):
+            t.base = None if b is None else logprobs.finite(b)
+        return logprobs.sums(got)
+
 
 def _alignment(plan: Plan, rewards: dict[str, float], notes: list[str], **extra) -> ChoiceAlignment:
     assert plan.alignment is not None
@@ -247,6 +269,8 @@ async def _ranked(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
         ]
         s = samples[best]
         plan.usage["completion_tokens"] += len(s.token_ids)
+        got = plan.token_logprobs(s)
+        sums = await plan.with_base(prompt, list(s.token_ids), got, plan.sub_id(i * plan.req.n + j))
         choices.append(
             Choice(
                 i * plan.req.n + j,
@@ -255,7 +279,8 @@ async def _ranked(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
                 s.finish_reason,
                 _alignment(plan, rewards[best], own[best] + why + notes,
                            candidates=cands if al.return_candidates else None,
-                           sampled_tokens=sum(len(samples[g].token_ids) for g in group)),
+                           sampled_tokens=sum(len(samples[g].token_ids) for g in group), **sums),
+                got,
             )
         )
     return choices
@@ -266,12 +291,14 @@ async def _guided_or_plain(plan: Plan, i: int, prompt: list[int]) -> list[Choice
     for key in ("completion_tokens", "generated_tokens"):
         plan.usage[key] += sum(len(o.token_ids) for o in outputs)
     choices = [
-        Choice(i * plan.req.n + o.index, o.text, list(o.token_ids), o.finish_reason) for o in outputs
+        Choice(i * plan.req.n + o.index, o.text, list(o.token_ids), o.finish_reason, logprobs=plan.token_logprobs(o))
+        for o in outputs
     ]
     if plan.alignment is not None:
         rewards, own, notes = await plan.rewards_of([prompt + c.token_ids for c in choices])
         for c, r, mine in zip(choices, rewards, own):
-            c.alignment = _alignment(plan, r, mine + notes)
+            sums = await plan.with_base(prompt, c.token_ids, c.logprobs, plan.sub_id(c.index))
+            c.alignment = _alignment(plan, r, mine + notes, **sums)
     return choices
 
 
@@ -292,25 +319,33 @@ async def _stream_prompt(plan: Plan, i: int, prompt: list[int]) -> AsyncIterator
     if plan.ranked:
         # The winner is known only when every sample has finished: it comes as one piece.
         for c in await _ranked(plan, i, prompt):
-            yield Delta(c.index, c.text)
-            yield Delta(c.index, "", c.finish_reason, c.alignment)
+            yield Delta(c.index, c.text, logprobs=c.logprobs)
+            if c.logprobs is not None and c.alignment is not None:
+                c.alignment.base_logprobs = [t.base for t in c.logprobs]  # as in-engine streams have them
+            yield Delta(c.index, "", c.finish_reason, c.alignment, [] if c.logprobs is not None else None)
         return
     tokens: dict[int, list[int]] = {}
+    sampled: dict[int, list[TokenLogprob]] = {}
     async for out in plan.engine.generate(prompt, plan.sampling[i], plan.sub_id(i)):
         for o in out.outputs:
             tokens.setdefault(o.index, []).extend(o.token_ids)
+            got = plan.token_logprobs(o)
+            sampled.setdefault(o.index, []).extend(got or [])
             plan.usage["completion_tokens"] += len(o.token_ids)
             plan.usage["generated_tokens"] += len(o.token_ids)
             index = i * plan.req.n + o.index
             if o.finish_reason is None:
-                if o.text:
-                    yield Delta(index, o.text)
+                if o.text or got:
+                    yield Delta(index, o.text, logprobs=got)
                 continue
             alignment = None
             if plan.alignment is not None:
                 rewards, own, notes = await plan.rewards_of([prompt + tokens[o.index]])
-                alignment = _alignment(plan, rewards[0], own[0] + notes)
-            yield Delta(index, o.text, o.finish_reason, alignment)
+                whole = sampled[o.index] if got is not None else None
+                sums = await plan.with_base(prompt, tokens[o.index], whole, plan.sub_id(index))
+                base = {"base_logprobs": [t.base for t in whole]} if sums and whole is not None else {}
+                alignment = _alignment(plan, rewards[0], own[0] + notes, **sums, **base)
+            yield Delta(index, o.text, o.finish_reason, alignment, got)
 
 
 async def stream(plan: Plan, interrupt: Callable[[], Awaitable[BaseException]] | None = None) -> AsyncIterator[Delta]:
@@ -337,6 +372,7 @@ async def stream(plan: Plan, interrupt: Callable[[], Awaitable[BaseException]] |
     if interrupt is not None:
         tasks.append(asyncio.create_task(interrupter()))  # never puts `done`: not counted
     echoed: set[int] = set()
+    written: dict[int, int] = {}
     try:
         remaining = len(plan.prompts)
         while remaining:
@@ -349,6 +385,8 @@ async def stream(plan: Plan, interrupt: Callable[[], Awaitable[BaseException]] |
                 if plan.echo is not None and item.index not in echoed:
                     echoed.add(item.index)
                     item.text = plan.echo[item.index // plan.req.n] + item.text
+                item.offset = written.get(item.index, 0)
+                written[item.index] = item.offset + len(item.text)
                 yield item
     finally:
         # A disconnected client lands here too: cancelling the pumps aborts their requests.

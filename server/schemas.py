@@ -31,7 +31,7 @@ TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 # OpenAI fields alignd does not implement: accepted when they ask for nothing, a 400 otherwise.
 OFF_WHEN_NULL = frozenset({
-    "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+    "tools", "tool_choice", "functions", "function_call",
     "parallel_tool_calls", "suffix", "best_of", "store", "metadata", "service_tier", "modalities", "audio",
     "prediction", "reasoning_effort", "web_search_options",
 })
@@ -83,6 +83,10 @@ class StructuredOutputs(BaseModel):
 
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    def top_logprobs_asked(self) -> int | None:
+        """With logprobs asked for: how many alternatives per token (else None)."""
+        return None
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -158,10 +162,24 @@ class SamplingFields(BaseModel):
         return options
 
 
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
+
+
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = Field(False, description="each choice's text starts with its prompt")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="each token's logprob and this many alternatives")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_prompt_logprobs(cls, logprobs: int | None, info: ValidationInfo) -> int | None:
+        if logprobs is not None and info.data.get("echo"):
+            raise ValueError("echo with logprobs would need the prompt's logprobs, which alignd does not return")
+        return logprobs
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -219,6 +237,18 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     chat_template_kwargs: TemplateVariables | None = Field(
         None, description="extra variables for the chat template, e.g. enable_thinking (vLLM's)")
+    logprobs: bool | None = Field(None, description="each token's logprob")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: this many alternatives")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("only with logprobs: true")
+        return top
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def omitted(description: str | None = None) -> Any:
@@ -238,6 +268,11 @@ class ChoiceAlignment(BaseModel):
     rewards: dict[str, float]  # the rewards of the returned text that could be computed
     total: float | None  # None when one of them failed (see notes)
     candidates: list[Candidate] | None = omitted("best_of_n with return_candidates: every sample")
+    logprob_sum: float | None = omitted("with logprobs: the returned tokens' logprobs under the distribution "
+                                        "sampled from, summed")
+    base_logprob_sum: float | None = omitted("with logprobs: the same tokens' logprobs under the base model, "
+                                             "summed (logprob_sum minus this estimates the KL from the base)")
+    base_logprobs: list[float | None] | None = omitted("streams with logprobs: each token's base-model logprob")
     sampled_tokens: int | None = omitted("best_of_n: the tokens of all this choice's samples (usage counts "
                                          "the returned one's)")
     notes: list[str] | None = omitted("why a reward or a guide failed")
@@ -257,9 +292,36 @@ class ErrorBody(BaseModel):
 
 
 # -- responses ------------------------------------------------------------------------------------
+class TokenAlignment(BaseModel):
+    base_logprob: float | None = Field(description="the token's logprob under the base model alone")
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+    base_token_logprobs: list[float | None] | None = omitted("aligned requests: each token's base-model logprob")
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+    alignment: TokenAlignment | None = omitted("aligned requests, whole answers")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class _Choice(BaseModel):
     index: int
-    logprobs: None = None  # never computed; the key is part of OpenAI's shape
+    logprobs: CompletionLogprobs | ChatLogprobs | None = None  # null unless asked for: OpenAI's shape
     finish_reason: str | None  # null until a streamed choice's last chunk
 
 

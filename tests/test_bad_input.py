@@ -107,7 +107,7 @@ BAD_FIELDS = {
     "echo": ["x", [1]],
     "user": [5, "u" * 300],
     "suffix": ["x"],
-    "logprobs": [3, True, "x"],
+    "logprobs": [-1, 21, "x", [1]],
     "tools": [[{"type": "function", "function": {"name": "f"}}]],
     "best_of": [2],
 }
@@ -127,6 +127,10 @@ case("seed-largest", body(seed=2**63 - 1, n=2, temperature=1), 200)
 case("seed-smallest", body(seed=-(2**63)), 200)
 case("openai-fields-off-or-supported", body(logprobs=None, user="x", suffix=None, echo=False, tools=None), 200)
 case("unknown-field", body(foo=1), 400)
+case("echo-with-logprobs", body(echo=True, logprobs=1), 400)
+case("chat-top-logprobs-without-logprobs", chat(top_logprobs=2), 400, "/v1/chat/completions")
+case("logprobs-of-overflowing-scores", body(logprobs=0, repetition_penalty=5e-324, temperature=0), 200)
+case("logprobs-under-args", aligned(decoder="args", rewards={"a": 1}, top_k=4) | {"logprobs": 5}, 200)
 case("unknown-field-null", body(foo=None), 400)
 case("sampling-fields-all-at-once", body(top_k=3, min_p=0.05, repetition_penalty=1.2, stop_token_ids=[5],
                                          logit_bias={"5": -100, "6": 2}, echo=True, user="u"), 200)

@@ -289,3 +289,100 @@ def test_bad_constraints_are_400_before_a_stream_starts(server, fields, param):
         for stream in (False, True):
             r = http.post("/v1/completions", json={"model": server.model, "prompt": PROMPT, "stream": stream, **fields})
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+# -- logprobs under guidance ------------------------------------------------------------------------
+def guided_scores(hf, alignment, seq) -> torch.Tensor:
+    """The scores each decoder samples from at `seq`, computed here from the papers' rules
+    (non-candidates -inf for ARGS), with the HF models."""
+    z = reference.next_logits(hf["base"], seq)
+    if alignment is None:
+        return z
+    if alignment["decoder"] == "args":
+        k = alignment["top_k"]
+        top, cands = z.topk(k)
+        out = torch.full_like(z, float("-inf"))
+        for zc, c in zip(top.tolist(), cands.tolist()):
+            out[c] = zc + alignment["rewards"]["a"] * hf["a"](seq + [c])
+        return out
+    if alignment["decoder"] == "vas":
+        cands = z.topk(alignment["top_k"]).indices.tolist()
+        v = torch.tensor([hf["a"](seq + [c]) for c in cands])
+        out = z.clone()
+        out[cands] += alignment["values"]["va"] * (v - v.mean())
+        return out
+    z_ref = reference.next_logits(hf["ref"], seq)
+    return z_ref + alignment["lambda"] * (z - z_ref)
+
+
+LOGPROB_CASES = [None, {"decoder": "args", "rewards": {"a": 2.0}, "top_k": 5},
+                 {"decoder": "vas", "values": {"va": 3.0}, "top_k": 6}, {"decoder": "dera", "lambda": 2.0}]
+
+
+@pytest.mark.parametrize("alignment", LOGPROB_CASES, ids=lambda a: a["decoder"] if a else "plain")
+def test_logprobs_are_of_the_guided_distribution_and_the_base(server, hf, alignment):
+    out = create(server, alignment, logprobs=3).choices[0]
+    tokens = out.token_ids
+    seq = list(hf["prompt"])
+    want, want_base, want_top = [], [], []
+    for t in tokens:
+        scores = guided_scores(hf, alignment, seq)
+        lp = torch.log_softmax(scores, -1)
+        assert int(scores.argmax()) == t  # the same greedy path
+        want.append(lp[t].item())
+        want_top.append(lp.topk(3).values.tolist())
+        want_base.append(torch.log_softmax(reference.next_logits(hf["base"], seq), -1)[t].item())
+        seq.append(t)
+    got = out.logprobs
+    assert got.token_logprobs == pytest.approx(want, abs=2e-3)
+    # Alternatives are keyed by text, and distinct tokens can decode alike: each text keeps its
+    # likeliest, so the best is always there and every entry is one of the wanted ones.
+    assert [max(d.values()) for d in got.top_logprobs] == pytest.approx([w[0] for w in want_top], abs=2e-3)
+    for d, w, sampled in zip(got.top_logprobs, want_top, want):
+        assert all(any(abs(v - x) < 2e-3 for x in [*w, sampled]) for v in d.values())
+    assert len(got.tokens) == len(tokens) and got.text_offset[0] == 0
+    if alignment is None:
+        assert "base_token_logprobs" not in got.model_extra and "alignment" not in out.model_extra
+        assert want == pytest.approx(want_base, abs=1e-5)  # plain greedy: the base's own
+        return
+    assert got.model_extra["base_token_logprobs"] == pytest.approx(want_base, abs=2e-3)
+    block = out.model_extra["alignment"]
+    assert block["logprob_sum"] == pytest.approx(sum(want), abs=1e-2)
+    assert block["base_logprob_sum"] == pytest.approx(sum(want_base), abs=1e-2)
+
+
+def test_chat_logprobs_and_streams_carry_the_same_numbers(server, hf):
+    al = {"decoder": "args", "rewards": {"a": 2.0}, "top_k": 5}
+    messages = [{"role": "user", "content": "the movie"}]
+    ids = hf["tok"]("<|user|>the movie</s><|assistant|>", add_special_tokens=False)["input_ids"]
+    whole = create(server, al, prompt=ids, logprobs=2).choices[0]
+    client = server.client()
+    chat = client.chat.completions.create(model=server.model, messages=messages, temperature=0, max_tokens=MAX_NEW,
+                                          logprobs=True, top_logprobs=2, extra_body={"alignment": al}).choices[0]
+    content = chat.logprobs.content
+    assert [c.logprob for c in content] == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
+    assert [c.model_extra["alignment"]["base_logprob"] for c in content] == \
+        pytest.approx(whole.logprobs.model_extra["base_token_logprobs"], abs=1e-5)
+    assert all(len(c.top_logprobs) == 2 and c.bytes == list(c.token.encode()) for c in content)
+    stream = client.chat.completions.create(model=server.model, messages=messages, temperature=0, max_tokens=MAX_NEW,
+                                            logprobs=True, stream=True, extra_body={"alignment": al})
+    pieces = [c.choices[0] for c in stream if c.choices]
+    streamed = [t.logprob for p in pieces if p.logprobs for t in p.logprobs.content]
+    assert streamed == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
+    last = pieces[-1].model_extra["alignment"]
+    assert last["base_logprobs"] == pytest.approx(whole.logprobs.model_extra["base_token_logprobs"], abs=1e-5)
+    assert last["logprob_sum"] == pytest.approx(whole.model_extra["alignment"]["logprob_sum"], abs=1e-4)
+    # A completions stream: a chunk's offsets start at the text sent before it (vLLM's rule).
+    stream = client.completions.create(model=server.model, prompt=ids, temperature=0, max_tokens=MAX_NEW, logprobs=2,
+                                       stream=True, extra_body={"alignment": al})
+    pieces = [c.choices[0] for c in stream if c.choices]
+    assert [lp for p in pieces if p.logprobs for lp in p.logprobs.token_logprobs] == \
+        pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
+    sent = 0
+    for p in pieces:
+        if p.logprobs and p.logprobs.tokens:
+            assert p.logprobs.text_offset[0] == sent
+        sent += len(p.text)
+    assert "".join(p.text for p in pieces) == whole.text
+    assert pieces[-1].model_extra["alignment"]["base_logprob_sum"] == \
+        pytest.approx(whole.model_extra["alignment"]["base_logprob_sum"], abs=1e-4)

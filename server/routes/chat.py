@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from alignd.server import generate
+from alignd.server import generate, logprobs
 from alignd.server.checks import authorized, body_schema, check_request, fits, read_json
 from alignd.server.errors import HTTPError
 from alignd.server.schemas import (
@@ -19,13 +19,16 @@ router = APIRouter(dependencies=[Depends(authorized)])
 
 
 def choice(c: generate.Choice, token_ids: bool) -> ChatChoice:
+    lp = None if c.logprobs is None else logprobs.chat(c.logprobs, aligned=c.alignment is not None)
     return ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                      alignment=c.alignment, token_ids=c.token_ids if token_ids else None)
+                      alignment=c.alignment, logprobs=lp, token_ids=c.token_ids if token_ids else None)
 
 
 def delta(d: generate.Delta, first: bool) -> ChatChunkChoice:
+    # A piece's tokens: their base-model logprobs come with the choice's last piece (alignment).
+    lp = None if d.logprobs is None else logprobs.chat(d.logprobs, aligned=False)
     return ChatChunkChoice(index=d.index, delta=ChatDelta(content=d.text, role="assistant" if first else None),
-                           finish_reason=d.finish_reason, alignment=d.alignment)
+                           finish_reason=d.finish_reason, alignment=d.alignment, logprobs=lp)
 
 
 REPLY = Reply("chatcmpl", ChatCompletion, ChatCompletionChunk, choice, delta)

@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from alignd.server import generate
+from alignd.server import generate, logprobs
 from alignd.server.checks import authorized, body_schema, check_request, fits, read_json
 from alignd.server.schemas import Completion, CompletionChoice, CompletionChunk, CompletionRequest
 from alignd.server.serving import Reply, Shared, serve
@@ -15,12 +15,20 @@ from alignd.server.serving import Reply, Shared, serve
 router = APIRouter(dependencies=[Depends(authorized)])
 
 
-def choice(c: generate.Choice | generate.Delta, token_ids: bool) -> CompletionChoice:
+def choice(c: generate.Choice, token_ids: bool) -> CompletionChoice:
+    lp = None if c.logprobs is None else logprobs.completion(c.logprobs, aligned=c.alignment is not None)
     return CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason, alignment=c.alignment,
-                            token_ids=c.token_ids if token_ids and isinstance(c, generate.Choice) else None)
+                            logprobs=lp, token_ids=c.token_ids if token_ids else None)
 
 
-REPLY = Reply("cmpl", Completion, CompletionChunk, choice, lambda d, first: choice(d, False))
+def delta(d: generate.Delta, first: bool) -> CompletionChoice:
+    # A piece's tokens: their base-model logprobs come with the choice's last piece (alignment).
+    lp = None if d.logprobs is None else logprobs.completion(d.logprobs, aligned=False, offset=d.offset)
+    return CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason, alignment=d.alignment,
+                            logprobs=lp)
+
+
+REPLY = Reply("cmpl", Completion, CompletionChunk, choice, delta)
 
 
 # The route reads its body itself (read_json): FastAPI would parse it on the event loop.
