@@ -56,6 +56,8 @@ class Row:
     failure: tuple[str, str] | None = None
     # (guide, reason) when a guide could not score this row in the current step only.
     skipped: tuple[str, str] | None = None
+    sample: str = ""  # best_of_n with prune: the sample's name, under which `observed` is read
+    observed: dict[int, float] = field(default_factory=dict)  # generated tokens -> weighted reward then
 
     def tokens(self) -> list[int]:
         return self.prompt + self.output

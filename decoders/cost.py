@@ -32,12 +32,12 @@ def candidate_tokens(al: AlignmentParams) -> int:
     """Branch tokens one row asks of each scorer per step (top_k x span; 1 for a reference's
     next token), the number the per-request limit `max_guide_tokens_per_step` applies to."""
     if al.method.needs & SCORERS.keys():
-        return al.top_k * branch_span(al)
+        return al.branches * branch_span(al)
     return 1 if "reference" in al.method.needs else 0
 
 
 def candidate_formula(al: AlignmentParams) -> str:
-    if al.method.needs & SCORERS.keys():
+    if al.method.needs & SCORERS.keys() and al.branches > 1:
         return "top_k x (1 + rollout_tokens)" if branch_span(al) > 1 else "top_k"
     return "1"
 
@@ -46,7 +46,7 @@ def guide_tokens(al: AlignmentParams, routes: Mapping[tuple[str, str], Route], c
     """Guide tokens one in-engine row costs per step, `context` tokens into its sequence: each
     scorer's branch tokens (recomputed scorers re-read the whole context for every branch), the
     baseline's rollout tokens, the reference's one token."""
-    k, span, needs = al.top_k, branch_span(al), al.method.needs
+    k, span, needs = al.branches, branch_span(al), al.method.needs
     total = 0
     for field, kind in SCORERS.items():
         for name in getattr(al, field) if field in needs else ():

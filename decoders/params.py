@@ -36,6 +36,19 @@ def _bounded(weights: dict[str, float], what: str) -> dict[str, float]:
     return weights
 
 
+class Prune(BaseModel):
+    """best_of_n's Speculative Rejection (Sun et al., 2024): stop the worst samples early."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(ge=1, le=4096, description="a checkpoint after every this many generated tokens")
+    keep: float = Field(gt=0.0, le=1.0, description="the fraction of a choice's live samples kept at each "
+                        "checkpoint (rounded up, at least one); the others are stopped")
+
+    def kept(self, live: int) -> int:
+        return max(1, math.ceil(round(self.keep * live, 9)))
+
+
 class AlignmentParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -51,6 +64,8 @@ class AlignmentParams(BaseModel):
     )
     n: int = Field(4, ge=1, le=64, description="best_of_n: samples drawn per returned choice")
     return_candidates: bool = Field(False, description="best_of_n: return every sample")
+    prune: Prune | None = Field(None, description="best_of_n: score the live samples' text so far at "
+                                "checkpoints and stop the lowest-scoring (Speculative Rejection)")
     reward_cache: bool = Field(
         True,
         description="false re-runs the reward models over the whole text for every candidate, "
@@ -90,6 +105,18 @@ class AlignmentParams(BaseModel):
     def method(self) -> Decoder:
         return DECODERS[self.decoder]
 
+    @property
+    def in_engine(self) -> bool:
+        """Whether the engine's steps run it: the per-token decoders, and best-of-n when it
+        prunes (its samples' rewards then advance token by token)."""
+        return self.method.step is not None and (self.method.rank is None or self.prune is not None)
+
+    @property
+    def branches(self) -> int:
+        """Branches each scorer reads per row and step: the top-k candidates, or the one token
+        just sampled for a decoder that ranks whole samples."""
+        return 1 if self.method.rank is not None else self.top_k
+
 
 @dataclass(frozen=True)
 class EngineRequest:
@@ -97,11 +124,13 @@ class EngineRequest:
 
     alignment: AlignmentParams
     request_id: str  # the HTTP request's: the worker keeps its notes for the response under it
+    sample: str = ""  # best_of_n with prune: the sample's own name, its checkpoint rewards' key
 
 
-def to_extra_args(alignment: AlignmentParams, request_id: str) -> dict:
+def to_extra_args(alignment: AlignmentParams, request_id: str, sample: str = "") -> dict:
     """The JSON-safe SamplingParams.extra_args of a request the engine guides."""
-    return {"alignd": {"alignment": alignment.model_dump(by_alias=True, exclude_unset=True), "request_id": request_id}}
+    return {"alignd": {"alignment": alignment.model_dump(by_alias=True, exclude_unset=True), "request_id": request_id,
+                       **({"sample": sample} if sample else {})}}
 
 
 def from_extra_args(extra_args: dict | None) -> EngineRequest | None:
@@ -110,9 +139,10 @@ def from_extra_args(extra_args: dict | None) -> EngineRequest | None:
     raw = (extra_args or {}).get("alignd")
     if raw is None:
         return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("request_id", ""), str):
-        raise ValueError("extra_args.alignd: expected {\"alignment\": {...}, \"request_id\": str}")
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(k, ""), str) for k in ("request_id", "sample")):
+        raise ValueError("extra_args.alignd: expected {\"alignment\": {...}, \"request_id\": str, \"sample\": str}")
     alignment = AlignmentParams.model_validate(raw.get("alignment"))
-    if alignment.method.step is None:
-        raise ValueError(f"decoder {alignment.decoder!r} does not run inside the engine")
-    return EngineRequest(alignment, raw.get("request_id", ""))
+    if not alignment.in_engine:
+        raise ValueError(f"decoder {alignment.decoder!r} does not run inside the engine"
+                         + (" without prune" if alignment.method.rank is not None else ""))
+    return EngineRequest(alignment, raw.get("request_id", ""), raw.get("sample", ""))

@@ -84,7 +84,10 @@ class AlignmentLogitsProcessor(LogitsProcessor):
                 continue
             guided = from_extra_args(params.extra_args)
             if guided is not None:
-                self.rows[index] = Row(guided.alignment, guided.request_id, list(prompt or []), output, params)
+                row = Row(guided.alignment, guided.request_id, list(prompt or []), output, params, sample=guided.sample)
+                self.rows[index] = row
+                if row.sample:  # the server reads a pruning sample's checkpoint rewards
+                    self.guides.observe(row.request_id, row.sample, row.observed)
         for a, b, direction in batch_update.moved:
             if direction is MoveDirectionality.SWAP:
                 row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)

@@ -25,7 +25,7 @@ Rank = Callable[[Sequence[float | None]], "int | None"]
 class Decoder:
     name: str
     needs: frozenset[Need]
-    step: Step | None = None  # in the engine: rewrites the logits of every token step
+    step: Step | None = None  # in the engine: rewrites (or, beside `rank`, only reads) every token step
     rank: Rank | None = None  # per request: picks one of alignment.n whole samples by their totals
     own_support: bool = False  # its candidates are the whole support: top-p must not cut them
     # The `alignment` fields it reads (decoders/params.py, by their JSON names): a request that
@@ -36,7 +36,8 @@ class Decoder:
 DECODERS: dict[str, Decoder] = {d.name: d for d in (
     Decoder("args", frozenset({"rewards"}), step=args.step, own_support=True,
             params=("rewards", "top_k", "reward_cache")),
-    Decoder("best_of_n", frozenset({"rewards"}), rank=best_of_n.pick, params=("rewards", "n", "return_candidates")),
+    Decoder("best_of_n", frozenset({"rewards"}), step=best_of_n.observe, rank=best_of_n.pick,
+            params=("rewards", "n", "return_candidates", "prune")),
     Decoder("transfer_q", frozenset({"rewards", "baseline"}), step=transfer_q.step, own_support=True,
             params=("rewards", "top_k", "rollout_tokens", "reward_cache")),
     Decoder("vas", frozenset({"values"}), step=vas.step, params=("values", "top_k", "reward_cache")),

@@ -53,6 +53,9 @@ class GuideRuntime:
         self.max_step_guide_tokens = 0
         self.failures: dict[str, int] = {}  # guide -> rows it failed
         self.notes: dict[str, dict[str, int]] = {}  # request -> note -> how often
+        # best_of_n with prune: request -> sample -> checkpoint -> the weighted reward there
+        # (the processor's rows fill them); kept, like the notes, until the response is made.
+        self.checkpoints: dict[str, dict[str, dict[int, float]]] = {}
         self.runner = None  # the worker's model runner, once the server attached it (worker.py)
         # Release the state of requests that ended; each returns how many rows it still holds
         # out of the batch.
@@ -150,12 +153,19 @@ class GuideRuntime:
     def note(self, request_id: str, message: str) -> None:
         """Remember a problem of one request for its response, counted rather than repeated;
         bounded for requests never collected."""
-        if request_id not in self.notes and len(self.notes) >= MAX_NOTED_REQUESTS:
-            self.notes.pop(next(iter(self.notes)))
-        counts = self.notes.setdefault(request_id, {})
+        counts = _bounded_put(self.notes, request_id, {}, MAX_NOTED_REQUESTS)
         counts[message] = counts.get(message, 0) + 1
 
+    def observe(self, request_id: str, sample: str, observed: dict[int, float]) -> None:
+        """Keep a pruning sample's checkpoint rewards (filled as it decodes) for its response."""
+        _bounded_put(self.checkpoints, request_id, {}, MAX_NOTED_REQUESTS)[sample] = observed
+
+    def checkpoint_totals(self, request_id: str, samples: list[str], at: int) -> list[float | None]:
+        mine = self.checkpoints.get(request_id, {})
+        return [mine.get(sample, {}).get(at) for sample in samples]
+
     def take_notes(self, request_id: str) -> list[str]:
+        self.checkpoints.pop(request_id, None)  # the response is being made: nothing reads them later
         return [m if n == 1 else f"{m} (x{n})" for m, n in self.notes.pop(request_id, {}).items()]
 
     def failed(self, guide: str, rows: int = 1) -> None:
@@ -183,3 +193,10 @@ class GuideRuntime:
             "guide_failures": dict(self.failures),
             "guided_rows_waiting": waiting,
         }
+
+
+def _bounded_put(table: dict, key: str, empty: dict, limit: int) -> dict:
+    """table[key], made `empty` if new; the oldest entry goes when `limit` would be passed."""
+    if key not in table and len(table) >= limit:
+        table.pop(next(iter(table)))
+    return table.setdefault(key, empty)

@@ -17,6 +17,10 @@ class GuideWorkerExtension:
         rewards, failed = GuideRuntime.current().score(seqs, names, kind)
         return {"rewards": rewards, "failed": failed}
 
+    def alignd_checkpoints(self, request_id: str, samples: list[str], at: int) -> list[float | None]:
+        """The weighted reward of each sample's first `at` tokens, None where none was kept."""
+        return GuideRuntime.current().checkpoint_totals(request_id, samples, at)
+
     def alignd_take_notes(self, request_id: str) -> list[str]:
         return GuideRuntime.current().take_notes(request_id)
 

@@ -18,7 +18,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from alignd.decoders.cost import candidate_formula, candidate_tokens, guide_tokens
 from alignd.decoders.params import AlignmentParams, to_extra_args
-from alignd.server import logprobs
+from alignd.server import logprobs, pruning
 from alignd.server.admission import Cost
 from alignd.server.engine import Engine
 from alignd.server.logprobs import TokenLogprob
@@ -134,7 +134,7 @@ class Plan:
 
     @property
     def in_engine(self) -> bool:
-        return self.alignment is not None and self.alignment.method.step is not None
+        return self.alignment is not None and self.alignment.in_engine
 
     @property
     def ranked(self) -> bool:
@@ -151,7 +151,7 @@ class Plan:
             extra = to_extra_args(al, self.request_id)
             if al.method.own_support:
                 top_p = 1.0  # the decoder's candidates are the support; top-p would cut them
-        elif al is not None and self.ranked:
+        if al is not None and self.ranked:
             n = req.n * al.n
         return SamplingParams(
             n=n,
@@ -246,16 +246,22 @@ async def _final_outputs(plan: Plan, i: int, prompt: list[int]):
 async def _ranked(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
     al = plan.alignment
     assert al is not None and al.method.rank is not None
-    samples = await _final_outputs(plan, i, prompt)
+    drawn = await pruning.samples(plan, i, prompt) if al.prune else pruning.Samples(await _final_outputs(plan, i, prompt))
+    samples, pruned = drawn.outputs, drawn.pruned
     plan.usage["generated_tokens"] += sum(len(s.token_ids) for s in samples)
-    rewards, own, notes = await plan.rewards_of([prompt + list(s.token_ids) for s in samples])
-    totals = [plan.total(r) for r in rewards]
+    done = [g for g in range(len(samples)) if g not in pruned]  # a pruned sample has no final reward
+    rewards: list[dict[str, float]] = [{} for _ in samples]
+    own: list[list[str]] = [[] for _ in samples]
+    scored, scored_own, notes = await plan.rewards_of([prompt + list(samples[g].token_ids) for g in done])
+    for g, r, o in zip(done, scored, scored_own):
+        rewards[g], own[g] = r, o
+    totals = [plan.total(r) if g not in pruned else None for g, r in enumerate(rewards)]
     choices = []
     for j in range(plan.req.n):
         group = range(j * al.n, (j + 1) * al.n)
         picked = al.method.rank([totals[g] for g in group])
-        # If no sample can be ranked (every one has a failed reward), the first sample stands.
-        best = group[0 if picked is None else picked]
+        # If no sample can be ranked (every one has a failed reward), the first one not pruned stands.
+        best = group[picked] if picked is not None else next(g for g in group if g not in pruned)
         why = [] if picked is not None else ["no sample of this choice has a total, so it is the first sample, unranked"]
         ids = plan.req.return_token_ids
         cands = [
@@ -264,25 +270,20 @@ async def _ranked(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
                 rewards=rewards[g],
                 total=totals[g],
                 token_ids=list(samples[g].token_ids) if ids else None,
+                **({"pruned_at": pruned[g].at, "total_at_pruning": pruned[g].total} if g in pruned else {}),
             )
             for g in group
         ]
+        prunes = {"pruning": drawn.checkpoints.get(j, []),
+                  "unpruned_tokens": al.n * plan.sampling[i].max_tokens} if al.prune else {}
         s = samples[best]
         plan.usage["completion_tokens"] += len(s.token_ids)
         got = plan.token_logprobs(s)
         sums = await plan.with_base(prompt, list(s.token_ids), got, plan.sub_id(i * plan.req.n + j))
-        choices.append(
-            Choice(
-                i * plan.req.n + j,
-                s.text,
-                list(s.token_ids),
-                s.finish_reason,
-                _alignment(plan, rewards[best], own[best] + why + notes,
-                           candidates=cands if al.return_candidates else None,
-                           sampled_tokens=sum(len(samples[g].token_ids) for g in group), **sums),
-                got,
-            )
-        )
+        alignment = _alignment(plan, rewards[best], own[best] + why + notes,
+                               candidates=cands if al.return_candidates else None,
+                               sampled_tokens=sum(len(samples[g].token_ids) for g in group), **prunes, **sums)
+        choices.append(Choice(i * plan.req.n + j, s.text, list(s.token_ids), s.finish_reason, alignment, got))
     return choices
 
 

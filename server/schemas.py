@@ -261,6 +261,16 @@ class Candidate(BaseModel):
     rewards: dict[str, float]
     total: float | None
     token_ids: list[int] | None = omitted("when the request asks for return_token_ids")
+    pruned_at: int | None = omitted("a pruned sample: the checkpoint (generated tokens) it was stopped at; its "
+                                    "text is partial and has no final rewards")
+    total_at_pruning: float | None = omitted("a pruned sample: the weighted reward of its first pruned_at tokens "
+                                             "(null if it could not be computed)")
+
+
+class PruneCheckpoint(BaseModel):
+    at: int = Field(description="generated tokens")
+    live: int = Field(description="samples still running there")
+    pruned: int = Field(description="of them, stopped there")
 
 
 class ChoiceAlignment(BaseModel):
@@ -273,6 +283,9 @@ class ChoiceAlignment(BaseModel):
     base_logprob_sum: float | None = omitted("with logprobs: the same tokens' logprobs under the base model, "
                                              "summed (logprob_sum minus this estimates the KL from the base)")
     base_logprobs: list[float | None] | None = omitted("streams with logprobs: each token's base-model logprob")
+    pruning: list[PruneCheckpoint] | None = omitted("best_of_n with prune: what each checkpoint stopped")
+    unpruned_tokens: int | None = omitted("best_of_n with prune: n x max_tokens, the most its samples could "
+                                          "have made without pruning (sampled_tokens is what they made)")
     sampled_tokens: int | None = omitted("best_of_n: the tokens of all this choice's samples (usage counts "
                                          "the returned one's)")
     notes: list[str] | None = omitted("why a reward or a guide failed")

@@ -180,6 +180,14 @@ BAD_ALIGNMENTS = [
     {"decoder": "best_of_n", "rewards": {"a": 1}, "n": 0},
     {"decoder": "best_of_n", "rewards": {"a": 1}, "n": 65},
     {"decoder": "best_of_n", "rewards": {"a": 1}, "return_candidates": "x"},
+    {"decoder": "best_of_n", "rewards": {"a": 1}, "prune": {"every": 0, "keep": 0.5}},
+    {"decoder": "best_of_n", "rewards": {"a": 1}, "prune": {"every": 4097, "keep": 0.5}},
+    {"decoder": "best_of_n", "rewards": {"a": 1}, "prune": {"every": 8, "keep": 0}},
+    {"decoder": "best_of_n", "rewards": {"a": 1}, "prune": {"every": 8, "keep": 1.5}},
+    {"decoder": "best_of_n", "rewards": {"a": 1}, "prune": {"every": 8}},
+    {"decoder": "best_of_n", "rewards": {"a": 1}, "prune": {"every": 8, "keep": 0.5, "x": 1}},
+    {"decoder": "best_of_n", "rewards": {"a": 1}, "prune": 8},
+    {"decoder": "args", "rewards": {"a": 1}, "prune": {"every": 8, "keep": 0.5}},
     {"decoder": "args", "rewards": {"a": 1}, "reward_cache": False},
     {"decoder": "args", "rewards": {"a": 1}, "extra": 1},
     # every value within its own range, but the step it asks for exceeds the server's limits
@@ -190,6 +198,8 @@ for i, al in enumerate(BAD_ALIGNMENTS):
     case(f"alignment-{i}", body(alignment=al), 400)
 case("alignment-weights-at-the-bound", aligned(decoder="args", rewards={"a": 1e6}), 200)
 case("alignment-negative-bound", aligned(decoder="dera", **{"lambda": -1e6}), 200)
+case("best-of-n-pruned", body(temperature=1, alignment={"decoder": "best_of_n", "rewards": {"a": 1}, "n": 4,
+                                                      "prune": {"every": 2, "keep": 0.5}}), 200)
 case("best-of-n-greedy", body(temperature=0, alignment={"decoder": "best_of_n", "rewards": {"a": 1}, "n": 4}), 400)
 case("best-of-n-too-many-samples", body(n=16, alignment={"decoder": "best_of_n", "rewards": {"a": 1}, "n": 8}), 400)
 case("best-of-n-4x16x64", body(prompt=["a", "b", "c", "d"], n=16,

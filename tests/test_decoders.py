@@ -193,18 +193,22 @@ def test_each_decoder_asks_for_what_it_needs(name):
             AlignmentParams(decoder=name, **others)
     ok = AlignmentParams(decoder=name, **{field: {"x": 1.0} for field in needs})
     assert ok.method is DECODERS[name]
-    assert (DECODERS[name].step is None) != (DECODERS[name].rank is None)  # in the engine or per request
+    assert DECODERS[name].step is not None or DECODERS[name].rank is not None  # in the engine, per request, or both
+    assert ok.in_engine == (DECODERS[name].rank is None)  # a ranking decoder enters the engine only to prune
 
 
 def test_only_in_engine_decoders_travel_to_the_engine():
     for name, decoder in DECODERS.items():
         al = AlignmentParams(decoder=name, **{need: {"x": 1.0} for need in decoder.needs & ASK.keys()})
-        if decoder.step is None:
+        if not al.in_engine:
             with pytest.raises(ValueError, match="does not run inside the engine"):
                 from_extra_args(to_extra_args(al, "id"))
         else:
             guided = from_extra_args(to_extra_args(al, "id"))
             assert guided is not None and guided.alignment == al and guided.request_id == "id"
+    pruned = AlignmentParams(decoder="best_of_n", rewards={"x": 1.0}, prune={"every": 4, "keep": 0.5})
+    guided = from_extra_args(to_extra_args(pruned, "id", sample="id-0-s3"))
+    assert guided.alignment == pruned and guided.sample == "id-0-s3"
     assert from_extra_args(None) is None and from_extra_args({"other": 1}) is None
 
 
@@ -218,6 +222,9 @@ def test_costs_follow_what_each_decoder_runs():
     assert guide_tokens(v, routes, 100) == 10 and candidate_tokens(v) == 5
     d = AlignmentParams(decoder="dera")
     assert guide_tokens(d, routes, 100) == 1 and candidate_tokens(d) == 1
+    # Pruning best-of-n reads the one token each sample just made, whatever top_k's default.
+    bon = AlignmentParams(decoder="best_of_n", rewards={"a": 1, "slow": 1}, prune={"every": 4, "keep": 0.5})
+    assert guide_tokens(bon, routes, 100) == 1 + 101 and candidate_tokens(bon) == 1
 
 
 @pytest.mark.parametrize("name", list(DECODERS))
@@ -225,7 +232,7 @@ def test_a_field_the_decoder_does_not_read_is_refused(name):
     decoder = DECODERS[name]
     needs = {need: {"x": 1.0} for need in decoder.needs & ASK.keys()}
     fields = {"rewards": {"x": 1.0}, "values": {"x": 1.0}, "top_k": 3, "rollout_tokens": 2, "lambda": 0.5, "n": 2,
-              "return_candidates": True, "reward_cache": False}
+              "return_candidates": True, "reward_cache": False, "prune": {"every": 4, "keep": 0.5}}
     assert set(fields) | {"decoder"} == {f.alias or n for n, f in AlignmentParams.model_fields.items()}
     for field, value in fields.items():
         if field in decoder.params:
@@ -234,7 +241,7 @@ def test_a_field_the_decoder_does_not_read_is_refused(name):
             with pytest.raises(ValueError, match=f"{name} does not use '{field}'"):
                 AlignmentParams(decoder=name, **{**needs, field: value})
     # What travels to the engine is what the request set: it validates there again.
-    if decoder.step is not None:
+    if decoder.rank is None:
         al = AlignmentParams(decoder=name, **needs)
         assert from_extra_args(to_extra_args(al, "id")).alignment.given() == al.given()
 
