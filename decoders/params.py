@@ -62,7 +62,9 @@ class AlignmentParams(BaseModel):
     lambda_: float = Field(
         1.0, alias="lambda", description="dera: 0 = reference model, 1 = served model, > 1 extrapolates"
     )
-    n: int = Field(4, ge=1, le=64, description="best_of_n: samples drawn per returned choice")
+    n: int = Field(4, ge=1, le=64, description="best_of_n: samples drawn per returned choice; blockwise: "
+                   "blocks drawn per round")
+    block_tokens: int = Field(16, ge=1, le=256, description="blockwise: tokens per block")
     return_candidates: bool = Field(False, description="best_of_n: return every sample")
     prune: Prune | None = Field(None, description="best_of_n: score the live samples' text so far at "
                                 "checkpoints and stop the lowest-scoring (Speculative Rejection)")
@@ -144,5 +146,5 @@ def from_extra_args(extra_args: dict | None) -> EngineRequest | None:
     alignment = AlignmentParams.model_validate(raw.get("alignment"))
     if not alignment.in_engine:
         raise ValueError(f"decoder {alignment.decoder!r} does not run inside the engine"
-                         + (" without prune" if alignment.method.rank is not None else ""))
+                         + (" without prune" if alignment.method.step is not None else ""))
     return EngineRequest(alignment, raw.get("request_id", ""), raw.get("sample", ""))

@@ -56,6 +56,8 @@ class GuideRuntime:
         # best_of_n with prune: request -> sample -> checkpoint -> the weighted reward there
         # (the processor's rows fill them); kept, like the notes, until the response is made.
         self.checkpoints: dict[str, dict[str, dict[int, float]]] = {}
+        # Blockwise searches: key -> reward name -> (scorer, the search's cached prefix state).
+        self.searches: dict[str, dict[str, tuple[Reward, object]]] = {}
         self.runner = None  # the worker's model runner, once the server attached it (worker.py)
         # Release the state of requests that ended; each returns how many rows it still holds
         # out of the batch.
@@ -135,6 +137,37 @@ class GuideRuntime:
                 else:
                     got[name] = value
         return rewards, failed
+
+    def score_blocks(self, key: str, seq: list[int], blocks: list[list[int]],
+                     names: list[str]) -> tuple[list[dict[str, float]], list[dict[str, str]]]:
+        """Rewards of seq + block for each block, as score() gives them: the blocks are branches
+        of one tree-masked forward per reward against the search's cached prefix `seq`, which
+        grows by the accepted block from one call to the next (end_search frees it)."""
+        rewards: list[dict[str, float]] = [{} for _ in blocks]
+        failed: list[dict[str, str]] = [{} for _ in blocks]
+        width = max(len(b) for b in blocks)
+        tokens = torch.tensor([[b + [0] * (width - len(b)) for b in blocks]], device=self.device)
+        lengths = torch.tensor([[len(b) for b in blocks]], device=self.device)
+        opened = self.searches.setdefault(key, {})
+        for name in names:
+            scorer = self.scorer("reward", name)
+            if name not in opened:
+                opened[name] = (scorer, scorer.open())
+            try:
+                values: list[float | str] = scorer.branches([opened[name][1]], [seq], tokens, lengths)[0].tolist()
+            except Exception:  # noqa: BLE001 - scored again one text at a time, each failure its own
+                values = self._each(scorer, [seq + b for b in blocks])
+            for got, why, value in zip(rewards, failed, values):
+                if isinstance(value, str) or not math.isfinite(value):
+                    why[name] = value if isinstance(value, str) else "returned a non-finite score"
+                    self.failed(f"reward:{name}")
+                else:
+                    got[name] = value
+        return rewards, failed
+
+    def end_search(self, key: str) -> None:
+        for scorer, state in self.searches.pop(key, {}).values():
+            scorer.close(state)
 
     def _each(self, scorer: Reward, seqs: list[list[int]]) -> list[float | str]:
         """Each sequence's score, or why it has none."""

@@ -21,6 +21,13 @@ class GuideWorkerExtension:
         """The weighted reward of each sample's first `at` tokens, None where none was kept."""
         return GuideRuntime.current().checkpoint_totals(request_id, samples, at)
 
+    def alignd_score_blocks(self, key: str, seq: list[int], blocks: list[list[int]], names: list[str]) -> dict:
+        rewards, failed = GuideRuntime.current().score_blocks(key, seq, blocks, names)
+        return {"rewards": rewards, "failed": failed}
+
+    def alignd_end_search(self, key: str) -> None:
+        GuideRuntime.current().end_search(key)
+
     def alignd_take_notes(self, request_id: str) -> list[str]:
         return GuideRuntime.current().take_notes(request_id)
 

@@ -1,9 +1,9 @@
 """From a validated request to choices: sampling parameters, in-engine decoders, best-of-n.
 
 Both endpoints reduce to prompts (token ids) x `n` choices. In-engine decoders (ARGS) ride on
-the request's SamplingParams; best-of-n draws `n x alignment.n` plain samples and ranks each
-choice's group with the worker's reward models. Either way each choice reports the rewards of
-the text it returns.
+the request's SamplingParams; best-of-n draws `n x alignment.n` plain samples (pruned on the way:
+pruning.py) and ranks each choice's group with the worker's reward models; blockwise search
+ranks blocks round after round (block_search.py). Each choice reports the rewards of its text.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from alignd.decoders.cost import candidate_formula, candidate_tokens, guide_tokens
 from alignd.decoders.params import AlignmentParams, to_extra_args
-from alignd.server import logprobs, pruning
+from alignd.server import block_search, logprobs, pruning
 from alignd.server.admission import Cost
 from alignd.server.engine import Engine
 from alignd.server.logprobs import TokenLogprob
+from alignd.server.pieces import Choice, Delta
 from alignd.server.schemas import Candidate, ChoiceAlignment, SamplingFields
 
 
@@ -35,28 +36,6 @@ class BadRequest(ValueError):
 
 def bad_request(e: VLLMValidationError, param: str | None = None) -> BadRequest:
     return BadRequest(str(e).split(" (parameter=")[0], e.parameter or param)
-
-
-@dataclass
-class Choice:
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    alignment: ChoiceAlignment | None = None
-    logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass
-class Delta:
-    """One streamed piece of one choice; the last one has a finish_reason (and alignment)."""
-
-    index: int
-    text: str
-    finish_reason: str | None = None
-    alignment: ChoiceAlignment | None = None
-    logprobs: list[TokenLogprob] | None = None
-    offset: int = 0  # characters of the choice's text before this piece
 
 
 @dataclass
@@ -137,6 +116,10 @@ class Plan:
         return self.alignment is not None and self.alignment.in_engine
 
     @property
+    def blockwise(self) -> bool:
+        return self.alignment is not None and self.alignment.method.blocks
+
+    @property
     def ranked(self) -> bool:
         """Request-level: the engine draws alignment.n plain samples per choice, ranked here."""
         return self.alignment is not None and self.alignment.method.rank is not None
@@ -193,6 +176,12 @@ class Plan:
                      for p, prompt in zip(self.sampling, self.prompts))
         return Cost(samples, tokens)
 
+    def alignment_block(self, rewards: dict[str, float], notes: list[str], **extra) -> ChoiceAlignment:
+        """A choice's `alignment`: the rewards of its text, their total, what went wrong."""
+        assert self.alignment is not None
+        return ChoiceAlignment(decoder=self.alignment.decoder, rewards=rewards, total=self.total(rewards),
+                               notes=notes or None, **extra)
+
     def total(self, rewards: dict[str, float]) -> float | None:
         """The weighted reward of a text, or None when one of its rewards failed."""
         assert self.alignment is not None
@@ -227,12 +216,6 @@ class Plan:
         for t, b in zip(got, base[len(prompt):]):
             t.base = None if b is None else logprobs.finite(b)
         return logprobs.sums(got)
-
-
-def _alignment(plan: Plan, rewards: dict[str, float], notes: list[str], **extra) -> ChoiceAlignment:
-    assert plan.alignment is not None
-    return ChoiceAlignment(decoder=plan.alignment.decoder, rewards=rewards, total=plan.total(rewards),
-                           notes=notes or None, **extra)
 
 
 async def _final_outputs(plan: Plan, i: int, prompt: list[int]):
@@ -280,7 +263,7 @@ async def _ranked(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
         plan.usage["completion_tokens"] += len(s.token_ids)
         got = plan.token_logprobs(s)
         sums = await plan.with_base(prompt, list(s.token_ids), got, plan.sub_id(i * plan.req.n + j))
-        alignment = _alignment(plan, rewards[best], own[best] + why + notes,
+        alignment = plan.alignment_block(rewards[best], own[best] + why + notes,
                                candidates=cands if al.return_candidates else None,
                                sampled_tokens=sum(len(samples[g].token_ids) for g in group), **prunes, **sums)
         choices.append(Choice(i * plan.req.n + j, s.text, list(s.token_ids), s.finish_reason, alignment, got))
@@ -299,12 +282,27 @@ async def _guided_or_plain(plan: Plan, i: int, prompt: list[int]) -> list[Choice
         rewards, own, notes = await plan.rewards_of([prompt + c.token_ids for c in choices])
         for c, r, mine in zip(choices, rewards, own):
             sums = await plan.with_base(prompt, c.token_ids, c.logprobs, plan.sub_id(c.index))
-            c.alignment = _alignment(plan, r, mine + notes, **sums)
+            c.alignment = plan.alignment_block(r, mine + notes, **sums)
     return choices
 
 
+async def _blockwise(plan: Plan, i: int, prompt: list[int]) -> list[Choice]:
+    choices: dict[int, Choice] = {}
+    async for d in block_search.stream_prompt(plan, i, prompt):
+        c = choices.setdefault(d.index, Choice(d.index, logprobs=None if d.logprobs is None else []))
+        c.text += d.text
+        c.token_ids += d.token_ids
+        if c.logprobs is not None and d.logprobs is not None:
+            c.logprobs += d.logprobs
+        if d.finish_reason is not None:
+            c.finish_reason, c.alignment = d.finish_reason, d.alignment
+            if c.alignment is not None:
+                c.alignment.base_logprobs = None  # a whole choice has them per token
+    return list(choices.values())
+
+
 def _runner(plan: Plan):
-    return _ranked if plan.ranked else _guided_or_plain
+    return _blockwise if plan.blockwise else _ranked if plan.ranked else _guided_or_plain
 
 
 async def run(plan: Plan) -> list[Choice]:
@@ -317,6 +315,10 @@ async def run(plan: Plan) -> list[Choice]:
 
 
 async def _stream_prompt(plan: Plan, i: int, prompt: list[int]) -> AsyncIterator[Delta]:
+    if plan.blockwise:  # each accepted block as soon as it is chosen
+        async for d in block_search.stream_prompt(plan, i, prompt):
+            yield d
+        return
     if plan.ranked:
         # The winner is known only when every sample has finished: it comes as one piece.
         for c in await _ranked(plan, i, prompt):
@@ -345,7 +347,7 @@ async def _stream_prompt(plan: Plan, i: int, prompt: list[int]) -> AsyncIterator
                 whole = sampled[o.index] if got is not None else None
                 sums = await plan.with_base(prompt, tokens[o.index], whole, plan.sub_id(index))
                 base = {"base_logprobs": [t.base for t in whole]} if sums and whole is not None else {}
-                alignment = _alignment(plan, rewards[0], own[0] + notes, **sums, **base)
+                alignment = plan.alignment_block(rewards[0], own[0] + notes, **sums, **base)
             yield Delta(index, o.text, o.finish_reason, alignment, got)
 
 

@@ -286,6 +286,8 @@ class ChoiceAlignment(BaseModel):
     pruning: list[PruneCheckpoint] | None = omitted("best_of_n with prune: what each checkpoint stopped")
     unpruned_tokens: int | None = omitted("best_of_n with prune: n x max_tokens, the most its samples could "
                                           "have made without pruning (sampled_tokens is what they made)")
+    reused_prefix_tokens: int | None = omitted("blockwise: prompt tokens of its rounds that the base model's "
+                                               "prefix cache served instead of recomputing them")
     sampled_tokens: int | None = omitted("best_of_n: the tokens of all this choice's samples (usage counts "
                                          "the returned one's)")
     notes: list[str] | None = omitted("why a reward or a guide failed")

@@ -188,6 +188,13 @@ BAD_ALIGNMENTS = [
     {"decoder": "best_of_n", "rewards": {"a": 1}, "prune": {"every": 8, "keep": 0.5, "x": 1}},
     {"decoder": "best_of_n", "rewards": {"a": 1}, "prune": 8},
     {"decoder": "args", "rewards": {"a": 1}, "prune": {"every": 8, "keep": 0.5}},
+    {"decoder": "blockwise", "rewards": {"a": 1}, "n": 0},
+    {"decoder": "blockwise", "rewards": {"a": 1}, "n": 65},
+    {"decoder": "blockwise", "rewards": {"a": 1}, "block_tokens": 0},
+    {"decoder": "blockwise", "rewards": {"a": 1}, "block_tokens": 257},
+    {"decoder": "blockwise"},
+    {"decoder": "blockwise", "rewards": {"a": 1}, "top_k": 4},
+    {"decoder": "args", "rewards": {"a": 1}, "block_tokens": 4},
     {"decoder": "args", "rewards": {"a": 1}, "reward_cache": False},
     {"decoder": "args", "rewards": {"a": 1}, "extra": 1},
     # every value within its own range, but the step it asks for exceeds the server's limits
@@ -200,6 +207,9 @@ case("alignment-weights-at-the-bound", aligned(decoder="args", rewards={"a": 1e6
 case("alignment-negative-bound", aligned(decoder="dera", **{"lambda": -1e6}), 200)
 case("best-of-n-pruned", body(temperature=1, alignment={"decoder": "best_of_n", "rewards": {"a": 1}, "n": 4,
                                                       "prune": {"every": 2, "keep": 0.5}}), 200)
+case("blockwise", body(temperature=1, alignment={"decoder": "blockwise", "rewards": {"a": 1}, "n": 3,
+                                               "block_tokens": 2}), 200)
+case("blockwise-greedy", body(temperature=0, alignment={"decoder": "blockwise", "rewards": {"a": 1}, "n": 3}), 400)
 case("best-of-n-greedy", body(temperature=0, alignment={"decoder": "best_of_n", "rewards": {"a": 1}, "n": 4}), 400)
 case("best-of-n-too-many-samples", body(n=16, alignment={"decoder": "best_of_n", "rewards": {"a": 1}, "n": 8}), 400)
 case("best-of-n-4x16x64", body(prompt=["a", "b", "c", "d"], n=16,

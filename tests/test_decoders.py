@@ -232,7 +232,8 @@ def test_a_field_the_decoder_does_not_read_is_refused(name):
     decoder = DECODERS[name]
     needs = {need: {"x": 1.0} for need in decoder.needs & ASK.keys()}
     fields = {"rewards": {"x": 1.0}, "values": {"x": 1.0}, "top_k": 3, "rollout_tokens": 2, "lambda": 0.5, "n": 2,
-              "return_candidates": True, "reward_cache": False, "prune": {"every": 4, "keep": 0.5}}
+              "return_candidates": True, "reward_cache": False, "prune": {"every": 4, "keep": 0.5},
+              "block_tokens": 4}
     assert set(fields) | {"decoder"} == {f.alias or n for n, f in AlignmentParams.model_fields.items()}
     for field, value in fields.items():
         if field in decoder.params:
