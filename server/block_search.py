@@ -17,42 +17,15 @@ from typing import TYPE_CHECKING
 from vllm.sampling_params import RequestOutputKind
 
 from alignd.server.logprobs import TokenLogprob
-from alignd.server.pieces import Delta
+from alignd.server.pieces import Delta, merged
 
 if TYPE_CHECKING:
     from alignd.server.generate import Plan
 
 
-async def stream_prompt(plan: Plan, i: int, prompt: list[int]) -> AsyncIterator[Delta]:
+def stream_prompt(plan: Plan, i: int, prompt: list[int]) -> AsyncIterator[Delta]:
     """The pieces of every choice of prompt i, as they are accepted (choices run side by side)."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(j: int) -> None:
-        try:
-            async for piece in _choice(plan, i, j, prompt):
-                await queue.put(piece)
-        except BaseException as e:  # handed to the consumer, which raises it
-            await queue.put(e)
-            raise
-        finally:
-            await queue.put(done)
-
-    tasks = [asyncio.create_task(pump(j)) for j in range(plan.req.n)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    return merged([_choice(plan, i, j, prompt) for j in range(plan.req.n)])
 
 
 async def _choice(plan: Plan, i: int, j: int, prompt: list[int]) -> AsyncIterator[Delta]:
@@ -104,19 +77,11 @@ async def _choice(plan: Plan, i: int, j: int, prompt: list[int]) -> AsyncIterato
 
 
 async def _score(plan: Plan, key: str, seq: list[int], blocks: list[list[int]]) -> list[dict[str, float]]:
-    al = plan.alignment
-    assert al is not None
-    budget = plan.engine.settings.guide_step_budget
+    assert plan.alignment is not None
     rewards: list[dict[str, float]] = []
-    start = 0
-    while start < len(blocks):
-        end, size = start, 0
-        while end < len(blocks) and (end == start or size + len(blocks[end]) <= budget):
-            size += len(blocks[end])
-            end += 1
-        part = await plan.engine.rpc("alignd_score_blocks", key, seq, blocks[start:end], list(al.rewards))
-        rewards += part["rewards"]
-        start = end
+    for part in plan.engine.budgeted(blocks):
+        got = await plan.engine.rpc("alignd_score_blocks", key, seq, blocks[part], list(plan.alignment.rewards))
+        rewards += got["rewards"]
     return rewards
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -186,22 +186,27 @@ class Engine:
     async def finish(self, seqs: list[list[int]], names: list[str], request_id: str,
                      kind: str = "reward") -> dict[str, Any]:
         """Scores of finished sequences by the worker's guide models of `kind` ({"rewards",
-        "failed"}, one entry per sequence) and the request's notes. Sequences go in calls of about
-        a step's guide budget in tokens, so no call holds the engine longer than a guided step may."""
-        budget = self.settings.guide_step_budget
+        "failed"}, one entry per sequence) and the request's notes, in budgeted calls."""
         rewards: list[dict[str, float]] = []
         failed: list[dict[str, str]] = []
+        for part in self.budgeted(seqs):
+            got = await self.rpc("alignd_score", seqs[part], names, kind)
+            rewards += got["rewards"]
+            failed += got["failed"]
+        return {"rewards": rewards, "failed": failed, "notes": await self.rpc("alignd_take_notes", request_id)}
+
+    def budgeted(self, seqs: list[list[int]]) -> Iterator[slice]:
+        """Consecutive runs of `seqs` of at most a step's guide budget in tokens (one sequence
+        at least): the worker answers a call between steps, so no call may hold the engine longer
+        than a guided step may."""
         start = 0
         while start < len(seqs):
             end, size = start, 0
-            while end < len(seqs) and (end == start or size + len(seqs[end]) <= budget):
+            while end < len(seqs) and (end == start or size + len(seqs[end]) <= self.settings.guide_step_budget):
                 size += len(seqs[end])
                 end += 1
-            part = await self.rpc("alignd_score", seqs[start:end], names, kind)
-            rewards += part["rewards"]
-            failed += part["failed"]
+            yield slice(start, end)
             start = end
-        return {"rewards": rewards, "failed": failed, "notes": await self.rpc("alignd_take_notes", request_id)}
 
     async def stats(self, timeout: float = 1.0) -> dict[str, Any] | None:
         """The worker's guide statistics, or the last ones read if it does not answer quickly.

@@ -22,7 +22,7 @@ from alignd.server import block_search, logprobs, pruning
 from alignd.server.admission import Cost
 from alignd.server.engine import Engine
 from alignd.server.logprobs import TokenLogprob
-from alignd.server.pieces import Choice, Delta
+from alignd.server.pieces import Choice, Delta, merged
 from alignd.server.schemas import Candidate, ChoiceAlignment, SamplingFields
 
 
@@ -354,45 +354,12 @@ async def _stream_prompt(plan: Plan, i: int, prompt: list[int]) -> AsyncIterator
 async def stream(plan: Plan, interrupt: Callable[[], Awaitable[BaseException]] | None = None) -> AsyncIterator[Delta]:
     """Deltas of every choice of every prompt, interleaved as they come; if `interrupt()` returns
     first, its exception ends the stream (its requests are aborted)."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def interrupter() -> None:
-        assert interrupt is not None
-        await queue.put(await interrupt())
-
-    async def pump(i: int, prompt: list[int]) -> None:
-        try:
-            async for delta in _stream_prompt(plan, i, prompt):
-                await queue.put(delta)
-        except BaseException as e:  # hand failures to the consumer, which re-raises them
-            await queue.put(e)
-            raise
-        finally:
-            await queue.put(done)
-
-    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(plan.prompts)]
-    if interrupt is not None:
-        tasks.append(asyncio.create_task(interrupter()))  # never puts `done`: not counted
     echoed: set[int] = set()
     written: dict[int, int] = {}
-    try:
-        remaining = len(plan.prompts)
-        while remaining:
-            item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                if plan.echo is not None and item.index not in echoed:
-                    echoed.add(item.index)
-                    item.text = plan.echo[item.index // plan.req.n] + item.text
-                item.offset = written.get(item.index, 0)
-                written[item.index] = item.offset + len(item.text)
-                yield item
-    finally:
-        # A disconnected client lands here too: cancelling the pumps aborts their requests.
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async for item in merged([_stream_prompt(plan, i, p) for i, p in enumerate(plan.prompts)], interrupt):
+        if plan.echo is not None and item.index not in echoed:
+            echoed.add(item.index)
+            item.text = plan.echo[item.index // plan.req.n] + item.text
+        item.offset = written.get(item.index, 0)
+        written[item.index] = item.offset + len(item.text)
+        yield item
