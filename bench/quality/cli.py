@@ -59,8 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: from the config's `aligned:` map, or CACHE/*aligned-TASK*)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--prompts", type=int, default=100, help="prompts per task")
-    p.add_argument("--methods", nargs="+", help="families (greedy sample bon args tq vas dera) or names "
-                                                "(args-w2, bon16, ...); default: all")
+    p.add_argument("--methods", nargs="+", help="families (greedy sample bon bonp block args tq vas dera) or "
+                                                "names (args-w2, bon16, bonp64, block8x16, ...); default: all")
     p.add_argument("--max-tokens", type=int, default=32, help="continuation length limit")
     p.add_argument("--rows", type=int, default=32, help="engine max_num_seqs: rows decoded together")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
@@ -73,10 +73,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--detox-value", default="nontoxic", help="VAS value name, used when configured")
     p.add_argument("--sentiment-format", choices=["chat", "raw"], default="chat")
     p.add_argument("--detox-format", choices=["chat", "raw"], default="raw")
-    p.add_argument("--bon", type=int, nargs="+", default=[4, 16],
+    p.add_argument("--bon", type=int, nargs="+", default=[4, 16, 64],
                    help="best-of-n sizes (above 64: multiples of 64, e.g. 128; ~20 min per task on 2 CPU cores)")
     p.add_argument("--bon-large-tasks", nargs="*", default=["sentiment"],
                    help="tasks that get best-of-n above 64 (costly on a CPU)")
+    p.add_argument("--bon-pruned", type=int, nargs="*", default=[16, 64], help="pruned best-of-n sizes")
+    p.add_argument("--prune-every", type=int, default=8, help="pruned best-of-n: tokens between checkpoints")
+    p.add_argument("--prune-keep", type=float, default=0.5, help="pruned best-of-n: live fraction kept")
+    p.add_argument("--blockwise", nargs="*", default=["4:8", "8:8", "4:16"], metavar="N:BLOCK",
+                   help="blockwise search: blocks per round : tokens per block")
     p.add_argument("--args-weights", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     p.add_argument("--args-k", type=int, default=10)
     p.add_argument("--tq-weights", type=float, nargs="+", default=[2.0])

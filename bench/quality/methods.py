@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 TEMPERATURE = 0.7
-FAMILIES = ("greedy", "sample", "bon", "args", "tq", "vas", "dera")
+FAMILIES = ("greedy", "sample", "bon", "bonp", "block", "args", "tq", "vas", "dera")
 
 
 @dataclass(frozen=True)
@@ -38,19 +38,21 @@ class Method:
     family: str
     temperature: float
     decoder: str | None = None
-    n: int = 1  # best_of_n: samples per returned choice
+    n: int = 1  # best_of_n: samples per returned choice; blockwise: blocks per round
     choices: int = 1  # request `n` (best-of-128 = 2 choices x best_of_n 64, winner of all 128)
     weight: float | None = None  # args / transfer_q reward weight
     beta: float | None = None  # vas
     lam: float | None = None  # dera lambda
     top_k: int = 10
     rollout: int = 20
+    prune: tuple[int, float] | None = None  # pruned best_of_n: (every, keep)
+    block: int = 16  # blockwise: tokens per block
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def param(self) -> float | None:
         return next((x for x in (self.weight, self.beta, self.lam) if x is not None), None) \
-            if self.family != "bon" else float(self.n * self.choices)
+            if self.family not in ("bon", "bonp") else float(self.n * self.choices)
 
     def alignment(self, task: Task) -> dict | None:
         if self.decoder is None:
@@ -58,6 +60,10 @@ class Method:
         al: dict = {"decoder": self.decoder}
         if self.decoder == "best_of_n":
             al |= {"rewards": {task.reward: 1.0}, "n": self.n, "return_candidates": self.choices > 1}
+            if self.prune:
+                al["prune"] = {"every": self.prune[0], "keep": self.prune[1]}
+        elif self.decoder == "blockwise":
+            al |= {"rewards": {task.reward: 1.0}, "n": self.n, "block_tokens": self.block}
         elif self.decoder in ("args", "transfer_q"):
             al |= {"rewards": {task.reward: self.weight}, "top_k": self.top_k}
             if self.decoder == "transfer_q":
@@ -87,6 +93,14 @@ class Method:
             how = "" if self.choices == 1 else f" (request n = {self.choices} x best_of_n {self.n}, " \
                                                 "return_candidates; the best of all)"
             return f"best-of-{total}: {total} samples ({t}) ranked by `{task.reward}`{how}"
+        if self.family == "bonp":
+            every, keep = self.prune or (0, 0.0)
+            return (f"pruned best-of-{self.n} (Speculative Rejection): {self.n} samples ({t}); every {every} tokens "
+                    f"the best {keep:g} of the live ones by `{task.reward}` go on")
+        if self.family == "block":
+            return (f"blockwise search: rounds of {self.n} blocks of {self.block} tokens ({t}), the best by "
+                    f"`{task.reward}` kept (prefix caching is off in this benchmark, so each round re-reads "
+                    "its prompt: its wall time here is an upper bound)")
         if self.family == "args":
             return f"ARGS-greedy, k = {self.top_k}, w = {self.weight:g} on `{task.reward}`"
         if self.family == "tq":
@@ -119,6 +133,11 @@ def all_methods(task: Task, args) -> list[Method]:
                 out.append(Method(f"bon{n}", "bon", T, "best_of_n", n=64, choices=n // 64))
         else:
             out.append(Method(f"bon{n}", "bon", T, "best_of_n", n=n))
+    out += [Method(f"bonp{n}", "bonp", T, "best_of_n", n=n, prune=(args.prune_every, args.prune_keep))
+            for n in args.bon_pruned]
+    for spec in args.blockwise:
+        n, _, block = spec.partition(":")
+        out.append(Method(f"block{n}x{block}", "block", T, "blockwise", n=int(n), block=int(block)))
     out += [Method(f"args-w{fmt_num(w)}", "args", 0.0, "args", weight=w, top_k=args.args_k) for w in args.args_weights]
     out += [Method(f"tq-w{fmt_num(w)}", "tq", 0.0, "transfer_q", weight=w, top_k=args.tq_k, rollout=args.tq_rollout)
             for w in args.tq_weights]

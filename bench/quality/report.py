@@ -83,12 +83,39 @@ def claims(summary: dict, dd: dict) -> list[str]:
                 out.append(f"{task}: VAS {k} vs {top}: guided {ci(dr)}, held-out {ci(dh)}; cost "
                            f"{v['s_per_sample']:.2f} vs {bons[top]['s_per_sample']:.2f} s/sample "
                            f"(paper: VAS close to best-of-128 at much lower cost)")
+        out += search_claims(task, rows, bons)
         dera = {k: v for k, v in rows.items() if v["family"] == "dera"}
         if dera:
             pts = sorted((v["method"]["lam"], v["reward"][0], v["heldout"][0], v["ppl"]) for v in dera.values())
             out.append(f"{task}: DeRa lambda -> (guided, held-out, ppl): " +
                        "; ".join(f"{lam:g} -> ({r:.3f}, {h:.3f}, {p:.1f})" for lam, r, h, p in pts) +
                        " (paper: reward moves smoothly with lambda)")
+    return out
+
+
+def search_claims(task: str, rows: dict, bons: dict) -> list[str]:
+    """Pruned best-of-n against best-of-n of the same n (tokens) and of n / 4 (guided reward);
+    blockwise against the best-of-n nearest in generated tokens per sample (held-out score)."""
+    out = []
+    for k, v in rows.items():
+        if v["family"] == "bonp":
+            same = next((b for b, bv in bons.items() if v_n(bv) == v_n(v)), None)
+            quarter = next((b for b, bv in bons.items() if 4 * v_n(bv) == v_n(v)), None)
+            parts = []
+            if same:
+                parts.append(f"generated tokens {v['generated'] / rows[same]['generated']:.2f} of {same}'s "
+                             "(target at most 0.33)")
+            if quarter:
+                parts.append(f"guided reward vs {quarter} {ci(paired(v['samples'], rows[quarter]['samples'], 'reward'))}"
+                             " (target at least 0)")
+            if parts:
+                out.append(f"{task}: {k}: " + "; ".join(parts))
+        elif v["family"] == "block" and bons:
+            near = min(bons, key=lambda b: abs(math.log(bons[b]["tokens_per_sample"] / v["tokens_per_sample"])))
+            dh = paired(v["samples"], bons[near]["samples"], "heldout")
+            out.append(f"{task}: blockwise {k} ({v['tokens_per_sample']:.0f} generated tokens per sample) vs {near} "
+                       f"({bons[near]['tokens_per_sample']:.0f}): held-out {ci(dh)} (target: blockwise above "
+                       "best-of-n at equal tokens)")
     return out
 
 

@@ -150,7 +150,7 @@ async def run_method(engine, run: dict, warmup: bool = False) -> dict:
         cands = None
         if len(choices) > 1:  # best-of-(64 x choices): the winner among every candidate
             pool = [c for ch in choices for c in (ch.alignment.candidates or [])]
-            win = max(pool, key=lambda c: c.total)
+            win = max(pool, key=lambda c: float("-inf") if c.total is None else c.total)  # pruned: no total
             text, tok, finish = win.text, list(win.token_ids or []), None
             cands = [c.total for c in pool]
             notes = sorted({n for ch in choices for n in (ch.alignment.notes or [])})
@@ -178,7 +178,7 @@ async def run_method(engine, run: dict, warmup: bool = False) -> dict:
         "seed": run["seed"],
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "wall_s": wall,
-        "generated_tokens": sum(pl.usage["completion_tokens"] for pl in plans),
+        "generated_tokens": sum(pl.usage["generated_tokens"] for pl in plans),  # every sample's, best-of-n's too
         "returned_tokens": sum(len(s["token_ids"]) for s in samples),
         "guided_steps": b.get("guided_steps", 0) - a.get("guided_steps", 0),
         "guided_s": b.get("guided_step_seconds", 0) - a.get("guided_step_seconds", 0),

@@ -66,6 +66,7 @@ def summarize(tasks: dict, scores: dict, models: dict) -> dict:
             "notes": sum(v["notes"] for v in ps.values()),
             "wall_s": res["wall_s"], "generated": res["generated_tokens"],
             "tps": res["generated_tokens"] / res["wall_s"], "s_per_sample": res["wall_s"] / n,
+            "tokens_per_sample": res["generated_tokens"] / n,
             "cpu": res["worker_cpu_share"], "load": res["load_avg"], "date": res["date"],
             "candidate_totals": [s["candidate_totals"] for s in res["samples"]] if res["samples"] and
             res["samples"][0].get("candidate_totals") else None,
