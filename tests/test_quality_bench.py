@@ -50,3 +50,20 @@ def test_prompts_are_real_negative_reviews_and_unseen_toxicity_prompts():
     tox = task_prompts("detox", 100, "raw")
     fitted = {r["id"] for r in demo_data.sampled_rtp_prompts()}
     assert len({p.id for p in tox}) == 100 and not any(p.source["row"] in fitted for p in tox)
+
+
+def test_every_method_is_a_valid_alignd_request():
+    from alignd.decoders.params import AlignmentParams
+    from bench.quality.cli import parse_args
+    from bench.quality.methods import Task, all_methods
+
+    task = Task("sentiment", "sentiment", "sentiment", "aligned", "chat")
+    methods = all_methods(task, parse_args([]))
+    assert {"bon64", "bonp16", "bonp64", "block4x8", "block8x8", "block4x16"} <= {m.name for m in methods}
+    for m in methods:
+        al = m.alignment(task)
+        if al is not None:
+            AlignmentParams.model_validate(al)  # what the engine would accept
+    bonp = next(m for m in methods if m.name == "bonp64").alignment(task)
+    assert bonp["prune"] == {"every": 8, "keep": 0.5} and bonp["n"] == 64
+    assert next(m for m in methods if m.name == "block8x8").alignment(task)["block_tokens"] == 8
