@@ -46,8 +46,8 @@ def test_the_worker_scores_blocks_against_the_searchs_cached_prefix(tiny, hf):
     assert guides.stats()["guide_states"] == 0
 
 
-def search(server, n, block, max_tokens, seed, **kw):
-    al = {"decoder": "blockwise", "rewards": WEIGHTS, "n": n, "block_tokens": block}
+def search(server, per_round, block, max_tokens, seed, **kw):
+    al = {"decoder": "blockwise", "rewards": WEIGHTS, "n": per_round, "block_tokens": block}
     return server.client().completions.create(model=server.model, prompt=PROMPT, temperature=1.0, seed=seed,
                                               max_tokens=max_tokens, extra_body={"alignment": al, "return_token_ids": True},
                                               **kw)
