@@ -19,7 +19,8 @@ class GuideCard(BaseModel):
 
 class DecoderCard(BaseModel):
     name: str
-    runs: Literal["engine", "request"] = Field(description="in every engine step, or by ranking whole samples")
+    runs: Literal["engine", "request"] = Field(description="in every engine step, or by ranking whole samples or "
+                                                           "blocks (best_of_n's pruning also reads the engine steps)")
     needs: list[str]
     parameters: dict[str, dict[str, Any]] = Field(description="the alignment fields it reads, as JSON schemas")
 

@@ -196,7 +196,7 @@ def test_models_list_every_guide_and_decoder_parameter(server, tiny):
     assert guides[("reference", "reference")]["spec"] == str(tiny["base2"]) and guides[("reference", "reference")]["route"] is None
     details = {d["name"]: d for d in card["decoder_details"]}
     assert set(details) == set(card["decoders"])
-    assert set(details["dera"]["parameters"]) == {"lambda"} and details["best_of_n"]["runs"] == "request"
+    assert set(details["dera"]["parameters"]) == {"lambda"} and details["best_of_n"]["runs"] == details["blockwise"]["runs"] == "request"
     assert details["args"]["parameters"]["top_k"]["maximum"] == 100 and details["args"]["needs"] == ["rewards"]
 
 

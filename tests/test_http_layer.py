@@ -137,7 +137,7 @@ def test_models_and_health():
     assert card["owned_by"] == "alignd" and card["max_model_len"] == 64 and isinstance(card["created"], int)
     # vas has no value model on this server: it is not listed
     al = card["alignment"]
-    assert (al["decoders"], al["rewards"], al["values"]) == (["args", "best_of_n", "transfer_q", "dera"], ["a"], [])
+    assert (al["decoders"], al["rewards"], al["values"]) == (["args", "best_of_n", "blockwise", "transfer_q", "dera"], ["a"], [])
     assert [d["name"] for d in al["decoder_details"]] == al["decoders"]
     assert [(g["kind"], g["name"], g["spec"]) for g in al["guides"]] == [
         ("reward", "a", "x"), ("reference", "reference", "ref"), ("baseline", "baseline", "m")]

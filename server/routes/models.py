@@ -34,7 +34,7 @@ def guides(settings: ServeSettings, engine: Engine) -> list[GuideCard]:
 
 def decoder_details(settings: ServeSettings) -> list[DecoderCard]:
     fields = AlignmentParams.model_json_schema()["properties"]
-    return [DecoderCard(name=name, runs="engine" if d.step is not None else "request", needs=sorted(d.needs),
+    return [DecoderCard(name=name, runs="request" if d.rank is not None else "engine", needs=sorted(d.needs),
                         parameters={p: fields[p] for p in d.params})
             for name, d in DECODERS.items() if missing(settings, d) is None]
 
